@@ -1,0 +1,698 @@
+"""The engine: forward hooks inject guesses as tangents, autograd writes the estimates into ``p.grad``.
+
+How one training step runs (DESIGN.md §4):
+
+1. The root forward pre-hook (only when ``model.training`` and grad mode is on, outside inference mode) opens a
+   :mod:`torch.autograd.forward_ad` dual level and enters ``no_grad``: no reverse graph is recorded.
+   With ``num_guesses=K`` it repeats every batch-shaped input ``K`` times along dim 0.
+2. Each guess point's forward hook draws its guess from what is known then (the output, the next modules' weights,
+   the batch's post-activations), adds it to the output's tangent, and records what the estimate needs.
+3. The boundary (the root, or ``head=``) forward hook reads the output tangent ``ż``, closes ``no_grad`` and the dual
+   level, and returns the output through :class:`_GuessedGradient`, whose inputs are the output and the trainable
+   parameters.
+4. The user's ``loss.backward()`` reaches :meth:`_GuessedGradient.backward` with ``∂L/∂z`` (exact and cheap:
+   autograd only went through the loss), which forms the per-example directional derivatives
+   ``d_b = <∂L/∂z_b, ż_b>`` and returns the estimates as the parameters' gradients, so autograd accumulates them
+   into ``p.grad`` like backprop's gradients (loss scaling, gradient accumulation, DDP, clipping all work).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .graph import BOUNDARY, Chain, Edge, Graph, GraphError, discover
+from .guesses import (
+    Method,
+    directional_guess,
+    downstream_guess,
+    get_method,
+    isotropic_guess,
+    mixing_guess,
+    wt_guess,
+)
+
+__all__ = ["GUESS_POINT_TYPES", "GuessHandle", "NonFiniteEstimateWarning", "attach"]
+
+GUESS_POINT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Embedding,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+)
+"""Module types that can hold trainable parameters under guessing. Each is linear in its parameters, so its
+weight-space JVP is the module evaluated with the tangents in place of the parameters."""
+
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+_NO_REPEAT_KWARGS = frozenset({"labels", "label", "targets"})
+_ATTR = "_guess_optim_handle"
+
+
+class NonFiniteEstimateWarning(RuntimeWarning):
+    """A step's directional derivatives or estimates were not finite; the estimate was not written."""
+
+
+@dataclass
+class _Record:
+    """What one call of a guess point contributes to the step's estimate."""
+
+    module: nn.Module
+    params: dict[str, Tensor]  # trainable parameters of the module, by local name
+    inputs: tuple  # primal positional inputs of the call
+    guess: Tensor | None = None  # activation space: u, [N, *S]
+    tangents: list[dict[str, Tensor]] | None = None  # weight space: one {name: V} per guess block
+    exact: Edge | None = None  # exact head: the edge to the boundary
+    output: Tensor | None = None  # exact head: s (primal), [N, *S]
+
+
+@dataclass
+class _Step:
+    """State of one guessing forward, from the root pre-hook to the boundary hook."""
+
+    level: int
+    grad_was_enabled: bool
+    graph: Graph | None
+    batch: int
+    records: list[_Record] = field(default_factory=list)
+    closed: bool = False
+
+
+def _primal(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return fwAD.unpack_dual(x).primal
+    return x
+
+
+class _GuessedGradient(torch.autograd.Function):
+    """Identity on the boundary output ``z``; its backward returns the parameters' estimates."""
+
+    @staticmethod
+    def forward(ctx, engine, payload, z, *params):  # noqa: D401
+        ctx.engine = engine
+        ctx.payload = payload
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        engine, payload = ctx.engine, ctx.payload
+        ctx.payload = None  # free the batch's tensors as soon as the estimate is made
+        grads = engine._estimate(payload, grad_z)
+        return (None, None, None, *grads)
+
+
+class GuessHandle:
+    """Guessed gradients attached to a model; returned by :func:`attach`.
+
+    ``remove()`` (or leaving the ``with`` block) removes every hook and restores the model exactly. While
+    attached, every training-mode forward with grad enabled is a guessing forward, and the following
+    ``backward()`` writes the estimate into ``p.grad``.
+
+    Attributes:
+        model: the attached model.
+        method: the :class:`~guess_optim.guesses.Method`.
+        seed: the seed of the private generator.
+        num_guesses: guesses averaged per step.
+        skipped_steps: number of backward passes whose estimate was not finite and was not written.
+        last_step_skipped: whether the most recent backward pass was skipped.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        *,
+        seed: int,
+        exact_head: bool,
+        num_guesses: int,
+        head: nn.Module | None,
+        downstream_layers: int,
+        distribution: str,
+        on_nonfinite: str,
+    ):
+        self.model = model
+        self.method = method
+        self.seed = seed
+        self.exact_head = exact_head or method.exact_head
+        self.num_guesses = num_guesses
+        self.head = head if head is not None else model
+        self.downstream_layers = downstream_layers
+        self.distribution = distribution
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
+        self.last_step_skipped = False
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._hooks: list[Any] = []
+        self._graphs: dict[tuple, Graph] = {}
+        self._step: _Step | None = None
+        self._quiet = 0  # > 0 while the engine itself calls modules (discovery, local VJPs)
+        self._paused = False
+        self._removed = False
+        self._captured: list[dict[str, Any]] | None = None
+        names = {m: n for n, m in model.named_modules()}
+        self._names = names
+        self.guess_points: list[nn.Module] = []
+        self._modules: list[nn.Module] = []
+        self._batchnorms: list[nn.Module] = []
+        for m in model.modules():
+            if isinstance(m, GUESS_POINT_TYPES):
+                self._modules.append(m)
+                if any(p.requires_grad for p in m.parameters(recurse=False)):
+                    self.guess_points.append(m)
+            if isinstance(m, _BATCHNORM) and any(p.requires_grad for p in m.parameters(recurse=False)):
+                self._batchnorms.append(m)
+        if method.space != "backprop":
+            self._install()
+        setattr(model, _ATTR, self)
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    def _install(self) -> None:
+        self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        for m in self.guess_points:
+            self._hooks.append(m.register_forward_hook(self._guess_point_hook))
+        self._hooks.append(self.head.register_forward_hook(self._boundary_hook))
+        # Runs even when forward raises, so the dual level and no_grad never stay open.
+        self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
+
+    def remove(self) -> None:
+        """Remove every hook; the model is exactly as before :func:`attach`.
+
+        Raises:
+            RuntimeError: the handle was already removed.
+        """
+        if self._removed:
+            raise RuntimeError("This GuessHandle was already removed; call remove() once")
+        self._close_step()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._graphs.clear()
+        if getattr(self.model, _ATTR, None) is self:
+            delattr(self.model, _ATTR)
+        self._removed = True
+
+    def __enter__(self) -> GuessHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._removed:
+            self.remove()
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Record the guesses drawn inside the block, for inspection and tests.
+
+        Yields a list that receives one dict per guess-point call: ``module`` (qualified name), ``guess``
+        (activation space: ``u``, ``[N, *S]``, else ``None``) and ``tangents`` (weight space: one
+        ``{param name: V}`` per guess, else ``None``).
+        """
+        self._captured = []
+        try:
+            yield self._captured
+        finally:
+            self._captured = None
+
+    def paused(self) -> _Paused:
+        """Context manager under which forwards run the plain model and ``backward()`` computes exact gradients."""
+        return _Paused(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"GuessHandle(method={self.method.name!r}, seed={self.seed}, num_guesses={self.num_guesses}, "
+            f"exact_head={self.exact_head}, guess_points={len(self.guess_points)})"
+        )
+
+    # --------------------------------------------------------------------------------------------- generators
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The private generator for ``device`` (seeded from :attr:`seed`; one stream per device)."""
+        device = torch.device(device)
+        if device not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._generators[device] = g
+        return self._generators[device]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator states and counters, for checkpoints."""
+        return {
+            "seed": self.seed,
+            "skipped_steps": self.skipped_steps,
+            "generators": {str(d): g.get_state() for d, g in self._generators.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.seed = int(state["seed"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        for d, s in state.get("generators", {}).items():
+            self.generator(torch.device(d)).set_state(s)
+
+    # ------------------------------------------------------------------------------------------------- hooks
+    def _active(self) -> bool:
+        return (
+            not self._paused
+            and not self._quiet
+            and self.model.training
+            and torch.is_grad_enabled()
+            and not torch.is_inference_mode_enabled()
+        )
+
+    def _root_pre(self, module, args, kwargs):
+        if self._step is not None and not self._step.closed:
+            # A previous forward raised before its boundary: never leave a dual level open.
+            self._close_step()
+        if not self._active():
+            return None
+        for bn in self._batchnorms:
+            if bn.training:
+                raise RuntimeError(
+                    f"{type(bn).__name__} {self._names[bn]!r} is in training mode: it mixes the examples of a "
+                    "batch, which breaks the per-example directional derivatives of guessed gradients. Put it in "
+                    "eval mode (bn.eval()), freeze it, or use GroupNorm/LayerNorm instead."
+                )
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.dim() > 0]
+        if not leaves:
+            raise ValueError("guessed gradients need at least one batch-shaped tensor input to the model")
+        batch = leaves[0].shape[0]
+        k = self.num_guesses
+        if k > 1:
+            rep = lambda t: t.repeat(k, *([1] * (t.dim() - 1))) if (  # noqa: E731
+                isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch) else t
+            args = tree_map(rep, args)
+            kwargs = {key: (v if key in _NO_REPEAT_KWARGS else tree_map(rep, v)) for key, v in kwargs.items()}
+        graph = None
+        if self.method.target is not None or self.exact_head:
+            graph = self._graph_for(args, kwargs)
+        if fwAD._current_level >= 0:
+            raise RuntimeError(
+                "guess_optim opens its own forward-AD dual level; the model was called inside another "
+                "torch.autograd.forward_ad.dual_level(), which PyTorch does not nest"
+            )
+        level = fwAD.enter_dual_level()
+        grad_was_enabled = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        self._step = _Step(level=level, grad_was_enabled=grad_was_enabled, graph=graph, batch=batch)
+        return args, kwargs
+
+    def _graph_for(self, args, kwargs) -> Graph:
+        key = tuple(
+            (tuple(t.shape), t.dtype, t.device.type) if isinstance(t, Tensor) else type(t)
+            for t in tree_flatten((args, kwargs))[0]
+        )
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        devices = sorted({t.device.index or 0 for t in tree_flatten((args, kwargs))[0]
+                          if isinstance(t, Tensor) and t.device.type == "cuda"})
+        self._quiet += 1
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                graph = discover(self.model, lambda: self.model(*args, **kwargs), self._modules, self.head)
+        finally:
+            self._quiet -= 1
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+        if len(self._graphs) >= 8:
+            self._graphs.pop(next(iter(self._graphs)))
+        self._graphs[key] = graph
+        return graph
+
+    def _guess_point_hook(self, module, args, output):
+        step = self._step
+        if step is None or step.closed or self._quiet:
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(f"guess point {self._names[module]!r} returned {type(output).__name__}, not a Tensor")
+        primal, tangent = fwAD.unpack_dual(output)
+        params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        record = _Record(module, params, tuple(_primal(a) for a in args))
+        graph = step.graph
+        if self.exact_head and graph is not None and not graph.next_edges(module):
+            edges = graph.boundary_edges(module)
+            if not edges:
+                raise GraphError(
+                    f"exact_head=True, but the output of {self._names[module]!r} neither reaches another "
+                    "parametrized module nor the output of the guessing region"
+                )
+            record.exact, record.output = edges[0], primal
+            step.records.append(record)
+            return None
+        if self.method.space == "weight":
+            contribution, record.tangents = self._weight_space_tangent(module, record)
+        else:
+            contribution = record.guess = self._activation_guess(module, primal, graph)
+        step.records.append(record)
+        if self._captured is not None:
+            self._captured.append(
+                {"module": self._names[module], "guess": record.guess, "tangents": record.tangents}
+            )
+        new_tangent = contribution if tangent is None else tangent + contribution
+        return fwAD.make_dual(primal, new_tangent)
+
+    def _weight_space_tangent(self, module, record: _Record):
+        k = self.num_guesses
+        gen = self.generator(next(iter(record.params.values())).device)
+        all_params = dict(module.named_parameters(recurse=False))
+        blocks, tangents = [], []
+        chunks = [torch.chunk(a, k, dim=0) if isinstance(a, Tensor) else [a] * k for a in record.inputs]
+        self._quiet += 1
+        try:
+            for j in range(k):
+                v = {
+                    n: (directional_guess(p, gen) if n in record.params else torch.zeros_like(p))
+                    for n, p in all_params.items()
+                }
+                tangents.append({n: v[n] for n in record.params})
+                blocks.append(functional_call(module, v, tuple(c[j] for c in chunks)))
+        finally:
+            self._quiet -= 1
+        return torch.cat(blocks, dim=0), tangents
+
+    def _activation_guess(self, module, primal: Tensor, graph: Graph | None) -> Tensor:
+        gen = self.generator(primal.device)
+        target = self.method.target
+        edges = graph.next_edges(module) if graph is not None else []
+        if target is None or not edges:
+            # activation perturbation; and the output layer of every method (paper A.4)
+            return isotropic_guess(primal, gen)
+        leaf = primal.detach().requires_grad_(True)
+        self._quiet += 1
+        try:
+            with torch.enable_grad():
+                outputs = self._targets(module, leaf, graph, target)
+        finally:
+            self._quiet -= 1
+
+        def pullback(cotangents):
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(outputs, leaf, cotangents, allow_unused=True)
+            return torch.zeros_like(primal) if g is None else g
+
+        values = [o.detach() for o in outputs]
+        if self.method.name == "mixing":
+            return mixing_guess(values, pullback, gen, self.num_guesses)
+        if target == "next":
+            return wt_guess(values, pullback, gen)
+        return downstream_guess(values, pullback, gen, self.distribution)
+
+    def _targets(self, module, s: Tensor, graph: Graph, target: str) -> list[Tensor]:
+        out = []
+        for edge in graph.next_edges(module):
+            x = self._replay(edge.chain, s, module, edge.consumer, graph)
+            if target == "post":
+                out.append(x)
+                continue
+            y = edge.consumer(x)
+            if target == "next":
+                out.append(y)
+            else:
+                out.extend(self._downstream(edge.consumer, y, graph, self.downstream_layers))
+        return out
+
+    def _downstream(self, module, y: Tensor, graph: Graph, layers: int) -> list[Tensor]:
+        """Post-activations ``layers`` modules downstream of the guess point, given ``y`` = next module output."""
+        chains = []
+        for e in graph.edges.get(module, []):
+            if not any(c is e.chain or c.ops == e.chain.ops for c, _ in chains):
+                chains.append((e.chain, e))
+        if not chains:
+            return [y]
+        out = []
+        for chain, e in chains:
+            x = self._replay(chain, y, module, e.consumer, graph)
+            if layers <= 1 or e.consumer is BOUNDARY:
+                out.append(x)
+            else:
+                out.extend(self._downstream(e.consumer, e.consumer(x), graph, layers - 1))
+        return out
+
+    def _replay(self, chain: Chain, s: Tensor, producer, consumer, graph: Graph) -> Tensor:
+        if not chain.replayable:
+            cname = consumer if isinstance(consumer, str) else graph.names.get(consumer, "?")
+            raise GraphError(
+                f"method {self.method.name!r} needs the ops between {graph.names.get(producer, '?')!r} and "
+                f"{cname!r} to be replayable from that output alone, but {chain.blocker}. Use "
+                "method='activation' or 'directional' for this model (residual and attention graphs are not "
+                "supported by structured guesses yet)."
+            )
+        return chain(s)
+
+    def _boundary_hook(self, module, args, output):
+        step = self._step
+        if step is None or step.closed or self._quiet:
+            return None
+        if not isinstance(output, Tensor):
+            self._close_step()
+            raise TypeError(
+                f"the guessing region ends at {self._names.get(module) or '<root>'!r}, whose output is a "
+                f"{type(output).__name__}, not a Tensor; pass head=<the module that produces the logits> to attach()"
+            )
+        primal, tangent = fwAD.unpack_dual(output)
+        if tangent is None:
+            tangent = torch.zeros_like(primal)
+        k, batch = self.num_guesses, step.batch
+        if k > 1:
+            if primal.dim() == 0 or primal.shape[0] != k * batch:
+                self._close_step()
+                raise ValueError(
+                    f"num_guesses={k} needs the output's dim 0 to be the batch ({k} x {batch}), "
+                    f"got shape {tuple(primal.shape)}"
+                )
+            primal = primal[:batch]
+        primal, tangent = primal.detach(), tangent.detach()
+        records = step.records
+        self._close_step()
+        params = []
+        seen = set()
+        for r in records:
+            for p in r.params.values():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        payload = {"records": records, "tangent": tangent, "params": params, "batch": batch}
+        return _GuessedGradient.apply(self, payload, primal, *params)
+
+    def _root_post(self, module, args, output):
+        if self._step is not None and not self._step.closed:
+            self._close_step()
+            if self.head is not self.model:
+                raise RuntimeError(
+                    f"head module {self._names.get(self.head)!r} was not called during the model's forward"
+                )
+        return None
+
+    def _close_step(self) -> None:
+        step = self._step
+        if step is None or step.closed:
+            self._step = None
+            return
+        step.closed = True
+        self._step = None
+        torch.set_grad_enabled(step.grad_was_enabled)
+        fwAD.exit_dual_level(level=step.level)
+
+    # ------------------------------------------------------------------------------------------- estimates
+    def _estimate(self, payload: dict, grad_z: Tensor) -> list[Tensor | None]:
+        """Per-example directional derivatives and the estimate of every trainable parameter of the step."""
+        k = self.num_guesses
+        tangent: Tensor = payload["tangent"]
+        grad_rep = grad_z.repeat(k, *([1] * (grad_z.dim() - 1))) if k > 1 else grad_z
+        d = (grad_rep * tangent).reshape(tangent.shape[0], -1).sum(1) if tangent.dim() > 0 else (
+            (grad_rep * tangent).reshape(1))
+        grads: dict[int, Tensor] = {}
+        for r in payload["records"]:
+            for name, g in self._record_estimate(r, d, grad_rep, k).items():
+                p = r.params[name]
+                grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
+        out = [grads.get(id(p)) for p in payload["params"]]
+        finite = bool(torch.isfinite(d).all()) and all(g is None or bool(torch.isfinite(g).all()) for g in out)
+        self.last_step_skipped = not finite
+        if not finite:
+            msg = ("non-finite directional derivative or estimate: the estimate was not written to p.grad "
+                   f"(skipped steps so far: {self.skipped_steps + 1})")
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(msg)
+            self.skipped_steps += 1
+            warnings.warn(msg, NonFiniteEstimateWarning, stacklevel=2)
+            return [None] * len(out)
+        return [None if g is None else g.to(p.dtype) for g, p in zip(out, payload["params"], strict=True)]
+
+    def _record_estimate(self, r: _Record, d: Tensor, grad_rep: Tensor, k: int) -> dict[str, Tensor]:
+        if r.tangents is not None:  # weight space: (Σ_b d_b) V, averaged over the K guesses
+            per_block = d.reshape(k, -1).sum(1)
+            return {n: sum(per_block[j] * r.tangents[j][n] for j in range(k)) / k for n in r.params}
+        if r.exact is not None:  # exact local gradient of the head
+            s = r.output.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (g_s,) = torch.autograd.grad(r.exact.chain(s), s, grad_rep)
+            return {n: g / k for n, g in self._local_vjp(r, g_s).items()}
+        u = r.guess
+        grad_out = u * d.reshape(-1, *([1] * (u.dim() - 1))).to(u.dtype)
+        return {n: g / k for n, g in self._local_vjp(r, grad_out).items()}
+
+    def _local_vjp(self, r: _Record, grad_out: Tensor) -> dict[str, Tensor]:
+        """``∂<grad_out, module(x)>/∂θ`` through the single module ``r.module`` (paper A.4's one-layer backward)."""
+        m = r.module
+        if type(m) is nn.Linear and len(r.inputs) == 1:
+            x = r.inputs[0]
+            go = grad_out.reshape(-1, grad_out.shape[-1])
+            out = {}
+            if "weight" in r.params:
+                out["weight"] = go.T.to(x.dtype) @ x.reshape(-1, x.shape[-1])
+            if "bias" in r.params:
+                out["bias"] = go.sum(0)
+            return out
+        names = list(r.params)
+        leaves = {n: r.params[n].detach().requires_grad_(True) for n in names}
+        self._quiet += 1
+        try:
+            with torch.enable_grad():
+                y = functional_call(m, leaves, r.inputs)
+                gs = torch.autograd.grad(y, [leaves[n] for n in names], grad_out, allow_unused=True)
+        finally:
+            self._quiet -= 1
+        return {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(names, gs, strict=True)}
+
+
+class _Paused:
+    def __init__(self, handle: GuessHandle):
+        self.handle = handle
+
+    def __enter__(self):
+        self.prev = self.handle._paused
+        self.handle._paused = True
+        return self.handle
+
+    def __exit__(self, *exc):
+        self.handle._paused = self.prev
+
+
+def attach(
+    model: nn.Module,
+    method: str = "wt",
+    *,
+    seed: int | None = None,
+    exact_head: bool = False,
+    num_guesses: int = 1,
+    head: nn.Module | None = None,
+    downstream_layers: int = 1,
+    distribution: str | None = None,
+    on_nonfinite: str = "skip",
+) -> GuessHandle:
+    """Train ``model`` with guessed gradients: an unchanged ``loss.backward()`` writes the estimate to ``p.grad``.
+
+    Example::
+
+        handle = attach(model, method="wt", seed=0)
+        loss = F.cross_entropy(model(x), y)   # any loss, any reduction
+        loss.backward()                       # estimate of ∂loss/∂p in every trainable p.grad
+        opt.step()
+        handle.remove()                       # the model is exactly as before
+
+    Guessing happens in training-mode forwards with grad enabled; ``eval()``, ``torch.no_grad()`` and
+    ``torch.inference_mode()`` run the plain model. Dim 0 of the model's inputs and output must be the batch
+    (each example's output may depend only on that example: BatchNorm must be in eval mode).
+
+    Args:
+        model: any ``nn.Module`` whose trainable parameters live in modules of :data:`GUESS_POINT_TYPES`
+            (``nn.Linear`` on any leading shape, ``nn.Conv1d/2d``, ``nn.LayerNorm``, ``nn.GroupNorm``,
+            ``nn.Embedding``, eval-mode BatchNorm) with parameter-free ops (activations, reshapes, pooling,
+            dropout) in between.
+        method: one of :data:`~guess_optim.guesses.METHODS`: ``"backprop"``, ``"directional"``,
+            ``"activation"``, ``"mixing"``, ``"wt"``, ``"downstream"``, ``"self-sharpening"`` (paper §2, A.4;
+            definitions in :mod:`guess_optim.guesses`). (default: ``"wt"``)
+        seed: seed of the handle's private ``torch.Generator``; the same seed gives bit-identical estimates. The
+            global RNG is never used. ``None`` draws a seed from the OS. (default: ``None``)
+        exact_head: give the output layer(s) — guess points with no next module — their exact gradient, which is
+            local (computed from ``∂L/∂z`` without backprop through the network). Always on for
+            ``"self-sharpening"``. (default: ``False``)
+        num_guesses: ``K`` independent guesses averaged per step (paper Fig. 3); costs a forward over ``K x`` the
+            batch. (default: 1)
+        head: the module whose output ends the guessing region, for models whose output is not a tensor (Hugging
+            Face ``ModelOutput``) or that compute their loss inside ``forward``. (default: the model itself)
+        downstream_layers: ``l`` of ``"downstream"``/``"self-sharpening"`` (paper Fig. 5). (default: 1)
+        distribution: law of the downstream guess ``ε``: ``"normal"``, ``"uniform"`` (``U[0, 1)``) or
+            ``"symmetric-uniform"`` (``U(-1, 1)``). (default: the method's own: uniform for self-sharpening)
+        on_nonfinite: ``"skip"`` (warn with :class:`NonFiniteEstimateWarning`, write no estimate, count it in
+            ``handle.skipped_steps``) or ``"raise"`` (``FloatingPointError``). (default: ``"skip"``)
+
+    Returns:
+        The :class:`GuessHandle` (also a context manager).
+
+    Raises:
+        ValueError: unknown method, bad ``num_guesses``/``downstream_layers``/``distribution``/``on_nonfinite``,
+            a trainable parameter in an unsupported module type, no trainable parameter at all, or a model
+            compiled with ``torch.compile``.
+        RuntimeError: the model already has a handle attached.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach() expects an nn.Module, got {type(model).__name__}")
+    m = get_method(method)
+    if isinstance(num_guesses, bool) or not isinstance(num_guesses, int) or num_guesses < 1:
+        raise ValueError(f"Invalid num_guesses: {num_guesses!r}; expected an int >= 1")
+    if isinstance(downstream_layers, bool) or not isinstance(downstream_layers, int) or downstream_layers < 1:
+        raise ValueError(f"Invalid downstream_layers: {downstream_layers!r}; expected an int >= 1")
+    if distribution is None:
+        distribution = m.distribution
+    if distribution not in ("normal", "uniform", "symmetric-uniform"):
+        raise ValueError(
+            f"Invalid distribution: {distribution!r}; expected 'normal', 'uniform' or 'symmetric-uniform'"
+        )
+    if on_nonfinite not in ("skip", "raise"):
+        raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r}; expected 'skip' or 'raise'")
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"Invalid seed: {seed!r}; expected a non-negative int or None")
+    if hasattr(model, "_orig_mod") or type(model).__name__ == "OptimizedModule":
+        raise ValueError(
+            "attach() got a torch.compile'd model; attach to the original module (model._orig_mod) instead: "
+            "forward-mode guessing runs eagerly"
+        )
+    existing = getattr(model, _ATTR, None)
+    if existing is not None:
+        raise RuntimeError(
+            f"this model already has guessed gradients attached ({existing!r}); call handle.remove() first"
+        )
+    if head is not None and not any(head is mod for mod in model.modules()):
+        raise ValueError("head must be a submodule of the model")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    if m.space != "backprop":
+        for name, mod in model.named_modules():
+            own = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+            if own and not isinstance(mod, GUESS_POINT_TYPES):
+                supported = ", ".join(t.__name__ for t in GUESS_POINT_TYPES)
+                raise ValueError(
+                    f"module {name or '<root>'!r} ({type(mod).__name__}) has trainable parameters {own}, but "
+                    f"guessed gradients support trainable parameters only in: {supported}. Freeze it "
+                    "(requires_grad_(False)) or use method='backprop'."
+                )
+    return GuessHandle(
+        model,
+        m,
+        seed=seed,
+        exact_head=exact_head,
+        num_guesses=num_guesses,
+        head=head,
+        downstream_layers=downstream_layers,
+        distribution=distribution,
+        on_nonfinite=on_nonfinite,
+    )
+
+
