@@ -4,7 +4,7 @@ Implements Singhal et al., "How to Guess a Gradient" (arXiv 2312.04709): guess a
 measure the directional derivative with forward-mode AD, and write the estimate into ``p.grad``.
 """
 
-from .engine import GUESS_POINT_TYPES, GuessHandle, NonFiniteEstimateWarning, attach
+from .engine import GUESS_POINT_TYPES, GuessHandle, NonFiniteEstimateWarning, attach, handle_of
 from .graph import GraphError
 from .guesses import METHODS, Method
 
@@ -16,6 +16,7 @@ __all__ = [
     "Method",
     "NonFiniteEstimateWarning",
     "attach",
+    "handle_of",
 ]
 
 __version__ = "0.1.0.dev0"

@@ -41,7 +41,7 @@ from .guesses import (
     wt_guess,
 )
 
-__all__ = ["GUESS_POINT_TYPES", "GuessHandle", "NonFiniteEstimateWarning", "attach"]
+__all__ = ["GUESS_POINT_TYPES", "GuessHandle", "NonFiniteEstimateWarning", "attach", "handle_of"]
 
 GUESS_POINT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -566,6 +566,11 @@ class GuessHandle:
         finally:
             self._quiet -= 1
         return {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(names, gs, strict=True)}
+
+
+def handle_of(model: nn.Module) -> GuessHandle | None:
+    """The :class:`GuessHandle` attached to ``model``, or ``None``."""
+    return getattr(model, _ATTR, None)
 
 
 class _Paused:
