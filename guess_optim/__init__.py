@@ -4,17 +4,27 @@ Implements Singhal et al., "How to Guess a Gradient" (arXiv 2312.04709): guess a
 measure the directional derivative with forward-mode AD, and write the estimate into ``p.grad``.
 """
 
-from .engine import GUESS_POINT_TYPES, GuessHandle, NonFiniteEstimateWarning, attach, handle_of
+from .engine import (
+    GUESS_POINT_TYPES,
+    GuessHandle,
+    GuessingNotSupportedError,
+    NonFiniteEstimateWarning,
+    attach,
+    handle_of,
+)
 from .graph import GraphError
 from .guesses import METHODS, Method
+from .optim import StableAdamW
 
 __all__ = [
     "GUESS_POINT_TYPES",
     "METHODS",
     "GraphError",
     "GuessHandle",
+    "GuessingNotSupportedError",
     "Method",
     "NonFiniteEstimateWarning",
+    "StableAdamW",
     "attach",
     "handle_of",
 ]
