@@ -28,9 +28,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .graph import BOUNDARY, Chain, Edge, Graph, GraphError, discover
+from .graph import BOUNDARY, Edge, Graph, GraphError, discover
 from .guesses import (
     Method,
     directional_guess,
@@ -41,7 +42,14 @@ from .guesses import (
     wt_guess,
 )
 
-__all__ = ["GUESS_POINT_TYPES", "GuessHandle", "NonFiniteEstimateWarning", "attach", "handle_of"]
+__all__ = [
+    "GUESS_POINT_TYPES",
+    "GuessHandle",
+    "GuessingNotSupportedError",
+    "NonFiniteEstimateWarning",
+    "attach",
+    "handle_of",
+]
 
 GUESS_POINT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -59,6 +67,10 @@ weight-space JVP is the module evaluated with the tangents in place of the param
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 _NO_REPEAT_KWARGS = frozenset({"labels", "label", "targets"})
 _ATTR = "_guess_optim_handle"
+
+
+class GuessingNotSupportedError(RuntimeError):
+    """The model contains an op through which forward-mode AD (and so guessing) cannot go."""
 
 
 class NonFiniteEstimateWarning(RuntimeWarning):
@@ -80,14 +92,46 @@ class _Record:
 
 @dataclass
 class _Step:
-    """State of one guessing forward, from the root pre-hook to the boundary hook."""
+    """State of one guessing forward, from the root pre-hook to the boundary hook.
 
-    level: int
+    In the second forward of ``store="recompute"`` (run from backward), ``level`` is ``None``: nothing is injected,
+    and each guess point adds its estimate to ``grads`` at once, from ``d`` and ``grad_rep``.
+    """
+
+    level: int | None
     grad_was_enabled: bool
     graph: Graph | None
     batch: int
     records: list[_Record] = field(default_factory=list)
     closed: bool = False
+    contexts: list[Any] = field(default_factory=list)
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = field(default_factory=list)
+    d: Tensor | None = None
+    grad_rep: Tensor | None = None
+    grads: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def recomputing(self) -> bool:
+        return self.level is None
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = (device.index or 0, torch.cuda.get_rng_state(device))
+    return state
+
+
+@contextlib.contextmanager
+def _forked_rng(state: dict[str, Any]):
+    """Run with the global RNG set to ``state`` (so dropout draws the masks of the first forward), then put the
+    global RNG back exactly as it was."""
+    devices = [state["cuda"][0]] if "cuda" in state else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"][1], state["cuda"][0])
+        yield
 
 
 def _primal(x: Any) -> Any:
@@ -141,6 +185,8 @@ class GuessHandle:
         downstream_layers: int,
         distribution: str,
         on_nonfinite: str,
+        store: str,
+        raw_parameters: str,
     ):
         self.model = model
         self.method = method
@@ -151,6 +197,7 @@ class GuessHandle:
         self.downstream_layers = downstream_layers
         self.distribution = distribution
         self.on_nonfinite = on_nonfinite
+        self.store = store
         self.skipped_steps = 0
         self.last_step_skipped = False
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -161,16 +208,21 @@ class GuessHandle:
         self._paused = False
         self._removed = False
         self._captured: list[dict[str, Any]] | None = None
+        self._recompute: _Step | None = None
         names = {m: n for n, m in model.named_modules()}
         self._names = names
         self.guess_points: list[nn.Module] = []
         self._modules: list[nn.Module] = []
         self._batchnorms: list[nn.Module] = []
+        self._raw: list[tuple[nn.Module, str, nn.Parameter]] = []
+        self._forward: Any = None
         for m in model.modules():
             if isinstance(m, GUESS_POINT_TYPES):
                 self._modules.append(m)
                 if any(p.requires_grad for p in m.parameters(recurse=False)):
                     self.guess_points.append(m)
+            elif raw_parameters == "directional":
+                self._raw += [(m, n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
             if isinstance(m, _BATCHNORM) and any(p.requires_grad for p in m.parameters(recurse=False)):
                 self._batchnorms.append(m)
         if method.space != "backprop":
@@ -185,6 +237,10 @@ class GuessHandle:
         self._hooks.append(self.head.register_forward_hook(self._boundary_hook))
         # Runs even when forward raises, so the dual level and no_grad never stay open.
         self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
+        self._forward = self.model.__dict__.get("forward")
+        if self._forward is None:
+            self._forward = self.model.forward
+            self.model.forward = self._forward_guarded
 
     def remove(self) -> None:
         """Remove every hook; the model is exactly as before :func:`attach`.
@@ -198,6 +254,8 @@ class GuessHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.model.__dict__.get("forward") == self._forward_guarded:
+            del self.model.forward
         self._graphs.clear()
         if getattr(self.model, _ATTR, None) is self:
             delattr(self.model, _ATTR)
@@ -270,6 +328,10 @@ class GuessHandle:
         )
 
     def _root_pre(self, module, args, kwargs):
+        if self._recompute is not None:  # the second forward of store="recompute", driven by backward
+            self._step = self._recompute
+            self._draw_raw_tangents(self._step)
+            return None
         if self._step is not None and not self._step.closed:
             # A previous forward raised before its boundary: never leave a dual level open.
             self._close_step()
@@ -285,6 +347,12 @@ class GuessHandle:
         leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.dim() > 0]
         if not leaves:
             raise ValueError("guessed gradients need at least one batch-shaped tensor input to the model")
+        devices = {t.device for t in leaves} | {p.device for p in self.model.parameters()}
+        if len({d.type for d in devices}) > 1:
+            raise ValueError(
+                f"the model's parameters and inputs are on different devices ({sorted(map(str, devices))}); "
+                "move the inputs to the model's device"
+            )
         batch = leaves[0].shape[0]
         k = self.num_guesses
         if k > 1:
@@ -292,19 +360,49 @@ class GuessHandle:
                 isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch) else t
             args = tree_map(rep, args)
             kwargs = {key: (v if key in _NO_REPEAT_KWARGS else tree_map(rep, v)) for key, v in kwargs.items()}
-        graph = None
-        if self.method.target is not None or self.exact_head:
-            graph = self._graph_for(args, kwargs)
         if fwAD._current_level >= 0:
             raise RuntimeError(
                 "guess_optim opens its own forward-AD dual level; the model was called inside another "
                 "torch.autograd.forward_ad.dual_level(), which PyTorch does not nest"
             )
+        graph = None
+        if self.method.target is not None or self.exact_head:
+            graph = self._graph_for(args, kwargs)
+        saved = None
+        if self.store == "recompute":
+            saved = {
+                "args": tree_map(_primal, args),
+                "kwargs": tree_map(_primal, kwargs),
+                "rng": _rng_state(leaves[0].device),
+                "generators": {d: g.get_state() for d, g in self._generators.items()},
+            }
         level = fwAD.enter_dual_level()
-        grad_was_enabled = torch.is_grad_enabled()
+        step = _Step(level=level, grad_was_enabled=torch.is_grad_enabled(), graph=graph, batch=batch)
+        step.saved = saved
+        self._step = step
         torch.set_grad_enabled(False)
-        self._step = _Step(level=level, grad_was_enabled=grad_was_enabled, graph=graph, batch=batch)
+        try:
+            kernel = sdpa_kernel([SDPBackend.MATH])  # fused attention kernels have no forward-AD formula
+            kernel.__enter__()
+            step.contexts.append(kernel)
+            self._draw_raw_tangents(step)
+        except BaseException:
+            self._close_step()
+            raise
         return args, kwargs
+
+    def _draw_raw_tangents(self, step: _Step) -> None:
+        """Weight-space guesses for trainable parameters outside guess-point modules (``raw_parameters=
+        "directional"``): swap each for a dual tensor for the duration of the forward."""
+        for module, name, p in self._raw:
+            v = directional_guess(p, self.generator(p.device))
+            record = _Record(module, {name: p}, (), tangents=[{name: v}] * self.num_guesses)
+            if step.recomputing:
+                self._accumulate(step, record)
+                continue
+            step.records.append(record)
+            module._parameters[name] = fwAD.make_dual(p.detach(), v)
+            step.swapped.append((module, name, p))
 
     def _graph_for(self, args, kwargs) -> Graph:
         key = tuple(
@@ -326,9 +424,10 @@ class GuessHandle:
             with torch.no_grad():
                 for b, saved in zip(self.model.buffers(), buffers, strict=True):
                     b.copy_(saved)
-        if len(self._graphs) >= 8:
-            self._graphs.pop(next(iter(self._graphs)))
-        self._graphs[key] = graph
+        if not graph.volatile:  # a volatile graph holds this batch's activations: rediscover every step
+            if len(self._graphs) >= 8:
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = graph
         return graph
 
     def _guess_point_hook(self, module, args, output):
@@ -341,6 +440,7 @@ class GuessHandle:
         params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
         record = _Record(module, params, tuple(_primal(a) for a in args))
         graph = step.graph
+        contribution = None
         if self.exact_head and graph is not None and not graph.next_edges(module):
             edges = graph.boundary_edges(module)
             if not edges:
@@ -349,38 +449,41 @@ class GuessHandle:
                     "parametrized module nor the output of the guessing region"
                 )
             record.exact, record.output = edges[0], primal
-            step.records.append(record)
-            return None
-        if self.method.space == "weight":
-            contribution, record.tangents = self._weight_space_tangent(module, record)
+        elif self.method.space == "weight":
+            record.tangents = [
+                {n: directional_guess(p, self.generator(p.device)) for n, p in params.items()}
+                for _ in range(self.num_guesses)
+            ]
+            if not step.recomputing:
+                contribution = self._weight_space_jvp(module, record)
         else:
             contribution = record.guess = self._activation_guess(module, primal, graph)
-        step.records.append(record)
         if self._captured is not None:
-            self._captured.append(
-                {"module": self._names[module], "guess": record.guess, "tangents": record.tangents}
-            )
-        new_tangent = contribution if tangent is None else tangent + contribution
-        return fwAD.make_dual(primal, new_tangent)
+            self._captured.append({"module": self._names[module], "guess": record.guess, "tangents": record.tangents})
+        if step.recomputing:
+            self._accumulate(step, record)
+            return None
+        if self.store == "recompute":  # keep nothing of the batch; the second forward regenerates it
+            record = _Record(module, params, ())
+        step.records.append(record)
+        if contribution is None:
+            return None
+        return fwAD.make_dual(primal, contribution if tangent is None else tangent + contribution)
 
-    def _weight_space_tangent(self, module, record: _Record):
+    def _weight_space_jvp(self, module, record: _Record) -> Tensor:
+        """The output tangent of weight perturbations ``V_j`` (one per guess block of rows): the module evaluated
+        with ``V`` in place of its parameters, as every guess-point type is linear in its parameters."""
         k = self.num_guesses
-        gen = self.generator(next(iter(record.params.values())).device)
-        all_params = dict(module.named_parameters(recurse=False))
-        blocks, tangents = [], []
         chunks = [torch.chunk(a, k, dim=0) if isinstance(a, Tensor) else [a] * k for a in record.inputs]
+        zeros = {n: torch.zeros_like(p) for n, p in module.named_parameters(recurse=False) if n not in record.params}
+        blocks = []
         self._quiet += 1
         try:
             for j in range(k):
-                v = {
-                    n: (directional_guess(p, gen) if n in record.params else torch.zeros_like(p))
-                    for n, p in all_params.items()
-                }
-                tangents.append({n: v[n] for n in record.params})
-                blocks.append(functional_call(module, v, tuple(c[j] for c in chunks)))
+                blocks.append(functional_call(module, {**zeros, **record.tangents[j]}, tuple(c[j] for c in chunks)))
         finally:
             self._quiet -= 1
-        return torch.cat(blocks, dim=0), tangents
+        return torch.cat(blocks, dim=0)
 
     def _activation_guess(self, module, primal: Tensor, graph: Graph | None) -> Tensor:
         gen = self.generator(primal.device)
@@ -412,7 +515,7 @@ class GuessHandle:
     def _targets(self, module, s: Tensor, graph: Graph, target: str) -> list[Tensor]:
         out = []
         for edge in graph.next_edges(module):
-            x = self._replay(edge.chain, s, module, edge.consumer, graph)
+            x = edge.chain(s)
             if target == "post":
                 out.append(x)
                 continue
@@ -433,27 +536,16 @@ class GuessHandle:
             return [y]
         out = []
         for chain, e in chains:
-            x = self._replay(chain, y, module, e.consumer, graph)
+            x = chain(y)
             if layers <= 1 or e.consumer is BOUNDARY:
                 out.append(x)
             else:
                 out.extend(self._downstream(e.consumer, e.consumer(x), graph, layers - 1))
         return out
 
-    def _replay(self, chain: Chain, s: Tensor, producer, consumer, graph: Graph) -> Tensor:
-        if not chain.replayable:
-            cname = consumer if isinstance(consumer, str) else graph.names.get(consumer, "?")
-            raise GraphError(
-                f"method {self.method.name!r} needs the ops between {graph.names.get(producer, '?')!r} and "
-                f"{cname!r} to be replayable from that output alone, but {chain.blocker}. Use "
-                "method='activation' or 'directional' for this model (residual and attention graphs are not "
-                "supported by structured guesses yet)."
-            )
-        return chain(s)
-
     def _boundary_hook(self, module, args, output):
         step = self._step
-        if step is None or step.closed or self._quiet:
+        if step is None or step.closed or self._quiet or step.recomputing:
             return None
         if not isinstance(output, Tensor):
             self._close_step()
@@ -474,19 +566,16 @@ class GuessHandle:
                 )
             primal = primal[:batch]
         primal, tangent = primal.detach(), tangent.detach()
-        records = step.records
         self._close_step()
-        params = []
-        seen = set()
-        for r in records:
-            for p in r.params.values():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-        payload = {"records": records, "tangent": tangent, "params": params, "batch": batch}
+        if self.store == "recompute" and step.graph is not None and step.graph.volatile:
+            step.graph = None  # it holds this batch's activations; the second forward rediscovers
+        params = list({id(p): p for r in step.records for p in r.params.values()}.values())
+        payload = {"step": step, "tangent": tangent, "params": params}
         return _GuessedGradient.apply(self, payload, primal, *params)
 
     def _root_post(self, module, args, output):
+        if self._recompute is not None:
+            return None
         if self._step is not None and not self._step.closed:
             self._close_step()
             if self.head is not self.model:
@@ -497,28 +586,49 @@ class GuessHandle:
 
     def _close_step(self) -> None:
         step = self._step
+        self._step = None
         if step is None or step.closed:
-            self._step = None
             return
         step.closed = True
-        self._step = None
+        for module, name, p in step.swapped:
+            module._parameters[name] = p
+        for ctx in reversed(step.contexts):
+            ctx.__exit__(None, None, None)
         torch.set_grad_enabled(step.grad_was_enabled)
-        fwAD.exit_dual_level(level=step.level)
+        if step.level is not None:
+            fwAD.exit_dual_level(level=step.level)
+
+    def _forward_guarded(self, *args, **kwargs):
+        """The model's own forward, with forward-AD failures turned into an error that names the op and the fix."""
+        try:
+            return self._forward(*args, **kwargs)
+        except NotImplementedError as e:
+            if self._step is None or "forward AD" not in str(e) and "forward-mode" not in str(e):
+                raise
+            self._close_step()
+            raise GuessingNotSupportedError(
+                f"an op in the model has no forward-mode AD formula, so guessed gradients cannot flow through it "
+                f"({e}). Replace the op (e.g. a fused/custom kernel) by an equivalent made of standard PyTorch ops, "
+                "freeze the parameters before it, or train with method='backprop'."
+            ) from e
 
     # ------------------------------------------------------------------------------------------- estimates
     def _estimate(self, payload: dict, grad_z: Tensor) -> list[Tensor | None]:
         """Per-example directional derivatives and the estimate of every trainable parameter of the step."""
         k = self.num_guesses
+        step: _Step = payload["step"]
         tangent: Tensor = payload["tangent"]
         grad_rep = grad_z.repeat(k, *([1] * (grad_z.dim() - 1))) if k > 1 else grad_z
         d = (grad_rep * tangent).reshape(tangent.shape[0], -1).sum(1) if tangent.dim() > 0 else (
             (grad_rep * tangent).reshape(1))
-        grads: dict[int, Tensor] = {}
-        for r in payload["records"]:
-            for name, g in self._record_estimate(r, d, grad_rep, k).items():
-                p = r.params[name]
-                grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
-        out = [grads.get(id(p)) for p in payload["params"]]
+        step.d, step.grad_rep = d, grad_rep
+        if self.store == "recompute":
+            self._recompute_estimates(step)
+        else:
+            for r in step.records:
+                self._accumulate(step, r)
+        out = [step.grads.get(id(p)) for p in payload["params"]]
+        step.records, step.grads, step.saved = [], {}, None
         finite = bool(torch.isfinite(d).all()) and all(g is None or bool(torch.isfinite(g).all()) for g in out)
         self.last_step_skipped = not finite
         if not finite:
@@ -530,6 +640,38 @@ class GuessHandle:
             warnings.warn(msg, NonFiniteEstimateWarning, stacklevel=2)
             return [None] * len(out)
         return [None if g is None else g.to(p.dtype) for g, p in zip(out, payload["params"], strict=True)]
+
+    def _accumulate(self, step: _Step, r: _Record) -> None:
+        for name, g in self._record_estimate(r, step.d, step.grad_rep, self.num_guesses).items():
+            key = id(r.params[name])
+            step.grads[key] = g if key not in step.grads else step.grads[key] + g
+
+    def _recompute_estimates(self, step: _Step) -> None:
+        """``store="recompute"``: run the forward again with the step's generator and RNG states; each guess point
+        regenerates its input and guess and adds its estimate at once, so no activation outlives its layer."""
+        saved = step.saved
+        again = _Step(level=None, grad_was_enabled=False, graph=step.graph, batch=step.batch)
+        needs_graph = self.method.target is not None or self.exact_head
+        again.d, again.grad_rep = step.d, step.grad_rep
+        current = {d: g.get_state() for d, g in self._generators.items()}
+        for d, state in saved["generators"].items():
+            self._generators[d].set_state(state)
+        for d in set(self._generators) - set(saved["generators"]):
+            self._generators[d].manual_seed(self.seed)
+        self._recompute = again
+        try:
+            with _forked_rng(saved["rng"]), torch.no_grad():
+                if again.graph is None and needs_graph:
+                    self._recompute = None
+                    again.graph = self._graph_for(saved["args"], saved["kwargs"])
+                    self._recompute = again
+                self.model(*saved["args"], **saved["kwargs"])
+        finally:
+            self._recompute = None
+            self._step = None
+            for d, state in current.items():
+                self._generators[d].set_state(state)
+        step.grads = again.grads
 
     def _record_estimate(self, r: _Record, d: Tensor, grad_rep: Tensor, k: int) -> dict[str, Tensor]:
         if r.tangents is not None:  # weight space: (Σ_b d_b) V, averaged over the K guesses
@@ -597,6 +739,8 @@ def attach(
     downstream_layers: int = 1,
     distribution: str | None = None,
     on_nonfinite: str = "skip",
+    store: str = "activations",
+    raw_parameters: str = "error",
 ) -> GuessHandle:
     """Train ``model`` with guessed gradients: an unchanged ``loss.backward()`` writes the estimate to ``p.grad``.
 
@@ -634,6 +778,14 @@ def attach(
             ``"symmetric-uniform"`` (``U(-1, 1)``). (default: the method's own: uniform for self-sharpening)
         on_nonfinite: ``"skip"`` (warn with :class:`NonFiniteEstimateWarning`, write no estimate, count it in
             ``handle.skipped_steps``) or ``"raise"`` (``FloatingPointError``). (default: ``"skip"``)
+        store: ``"activations"`` keeps each guess point's input and guess from the forward to the backward (memory
+            like backprop's); ``"recompute"`` keeps only the input batch and the generator/RNG states, and runs a
+            second forward during ``backward()`` that regenerates them one layer at a time (memory near inference's,
+            one extra forward of compute; same estimate). (default: ``"activations"``)
+        raw_parameters: what to do with trainable parameters held by modules that are not guess points (e.g. a
+            ViT's ``cls_token``): ``"error"`` refuses them at attach time; ``"directional"`` gives them a
+            weight-space guess ``V ~ N(0, I)`` (one per step, shared by the ``num_guesses`` blocks) for every
+            method. (default: ``"error"``)
 
     Returns:
         The :class:`GuessHandle` (also a context manager).
@@ -659,6 +811,10 @@ def attach(
         )
     if on_nonfinite not in ("skip", "raise"):
         raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r}; expected 'skip' or 'raise'")
+    if store not in ("activations", "recompute"):
+        raise ValueError(f"Invalid store: {store!r}; expected 'activations' or 'recompute'")
+    if raw_parameters not in ("error", "directional"):
+        raise ValueError(f"Invalid raw_parameters: {raw_parameters!r}; expected 'error' or 'directional'")
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
     elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -678,7 +834,7 @@ def attach(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    if m.space != "backprop":
+    if m.space != "backprop" and raw_parameters == "error":
         for name, mod in model.named_modules():
             own = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
             if own and not isinstance(mod, GUESS_POINT_TYPES):
@@ -686,7 +842,8 @@ def attach(
                 raise ValueError(
                     f"module {name or '<root>'!r} ({type(mod).__name__}) has trainable parameters {own}, but "
                     f"guessed gradients support trainable parameters only in: {supported}. Freeze it "
-                    "(requires_grad_(False)) or use method='backprop'."
+                    "(requires_grad_(False)), pass raw_parameters='directional' to guess them in weight space, "
+                    "or use method='backprop'."
                 )
     return GuessHandle(
         model,
@@ -698,6 +855,8 @@ def attach(
         downstream_layers=downstream_layers,
         distribution=distribution,
         on_nonfinite=on_nonfinite,
+        store=store,
+        raw_parameters=raw_parameters,
     )
 
 

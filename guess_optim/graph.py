@@ -1,20 +1,32 @@
 """Discovery of guess points' next modules from the data flow of one forward pass.
 
 A structured guess (``mixing``, ``wt``, ``downstream``) at a guess point ``i`` needs what happens to its output
-``s_i`` before the next parametrized module(s): the element-wise activation (for its mask), reshapes, dropout, and
-which module(s) consume the result. We learn this once per input signature by running the model's forward under a
-:class:`~torch.overrides.TorchFunctionMode` that follows every tensor produced by a tracked module through the
-parameter-free ops that consume it, until a tracked module consumes it (an :class:`Edge` to that module) or it
+``s_i`` before the next parametrized module(s): the element-wise activation (for its mask), reshapes, pooling,
+dropout, residual adds, attention, and which module(s) consume the result. :func:`discover` runs the model's forward
+under a :class:`~torch.overrides.TorchFunctionMode` that follows every tensor produced by a tracked module through
+the parameter-free ops that consume it, until a tracked module consumes it (an :class:`Edge` to that module) or it
 leaves the guessing region (an edge to ``BOUNDARY``).
 
-The ops of an edge form a :class:`Chain` that can be replayed on a new ``s_i``, so the engine can compute the
-guess at hook time by a vector-Jacobian product through ``chain`` (and the next module). A chain is *replayable*
-when each op takes the followed tensor as its only non-constant tensor input (parameters and buffers of the model
-count as constants). Ops that combine it with another activation (a residual add, attention's ``q @ k^T``) make the
-chain non-replayable; structured guesses then raise :class:`GraphError` naming the op.
+The ops of an edge form a :class:`Chain` that can be replayed on a new ``s_i``, so the engine computes the guess at
+hook time as a vector-Jacobian product through ``chain`` (and the next module). When an op combines the followed
+tensor with another activation (a residual add, attention's ``q @ k^T``, a ``torch.cat`` with other tokens), that
+other operand is *captured* by value: the chain is then *volatile* (valid for this batch only), and the engine
+re-runs discovery on every guessing step, before the guessing forward, with the same RNG state (so dropout masks
+agree). The VJP through a chain treats captured operands as constants: a partial derivative, as the paper's
+``W^T`` guess uses only the direct path to the next layer.
 
-Dropout in a chain is replayed as the identity: the guess direction is computed without the mask, and the real
-forward applies the very mask the user sees to both the primal and the tangent.
+In-place ops are recorded as their out-of-place versions. Dropout is replayed as the identity: the guess direction
+is computed without the mask, and the real forward applies the very mask the user sees to primal and tangent alike.
+
+What is found for common blocks (see ``tests/test_graph.py``):
+
+* MLP ``fc1 → ReLU → fc2``: ``fc1 → fc2`` through ``relu``.
+* ResNet basic block ``conv1 → bn1 → relu → conv2 → bn2 → (+ identity) → relu``: ``conv1 → bn1``,
+  ``bn1 → conv2`` through ``relu``, ``conv2 → bn2``, ``bn2 → <next block's conv1 and the next skip>`` through
+  ``add, relu`` (the add captures the identity branch).
+* ViT/pre-LN transformer block: ``layernorm_before → query, key, value``; ``query → attention.output.dense``
+  through ``view, transpose, matmul (captures k), softmax, matmul (captures v), …``; ``output.dense →`` every
+  later ``LayerNorm`` along the residual stream through the residual adds.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ _IDENTITY_OPS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropo
 
 
 class GraphError(RuntimeError):
-    """A structured guess needs a part of the model's graph that cannot be replayed."""
+    """The model's graph does not allow what was asked (e.g. ``exact_head`` on a head that leaves no trace)."""
 
 
 def _fill(template: Any, x: Tensor) -> Any:
@@ -51,43 +63,29 @@ def _op_name(func: Callable) -> str:
     return getattr(func, "__name__", repr(func))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Chain:
     """The parameter-free ops between a tracked module's output and one consumer.
 
     Attributes:
         ops: ``(func, args, kwargs)`` with the followed tensor replaced by a slot.
-        blocker: name of the first op that makes the chain non-replayable, or ``None``.
+        volatile: the chain holds captured activations (valid for the batch it was discovered on only).
     """
 
     ops: tuple[tuple[Callable, tuple, dict], ...] = ()
-    blocker: str | None = None
-
-    @property
-    def replayable(self) -> bool:
-        return self.blocker is None
+    volatile: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(_op_name(f) for f, _, _ in self.ops)
 
-    def extend(self, func: Callable, args: tuple, kwargs: dict, blocker: str | None) -> Chain:
-        if self.blocker is not None:
-            return self
-        if blocker is not None:
-            return Chain(self.ops, blocker)
+    def extend(self, func: Callable, args: tuple, kwargs: dict, *, captured: bool) -> Chain:
         if func in _IDENTITY_OPS:
             return self
-        return Chain((*self.ops, (func, args, kwargs)), None)
+        return Chain((*self.ops, (func, args, kwargs)), self.volatile or captured)
 
     def __call__(self, x: Tensor) -> Tensor:
-        """Replay the chain on ``x`` (same trailing shape as at discovery).
-
-        Raises:
-            GraphError: the chain is not replayable.
-        """
-        if self.blocker is not None:
-            raise GraphError(f"cannot replay an op chain blocked at {self.blocker!r}")
+        """Replay the chain on ``x`` (same shape as at discovery), differentiably."""
         # In-place ops (ReLU(inplace=True)) must not modify the caller's tensor.
         x = x.clone() if self.ops else x
         for func, args, kwargs in self.ops:
@@ -114,6 +112,11 @@ class Graph:
 
     edges: dict[nn.Module, list[Edge]] = field(default_factory=dict)
     names: dict[nn.Module, str] = field(default_factory=dict)
+
+    @property
+    def volatile(self) -> bool:
+        """Whether some chain captured activations (then the graph is valid for its batch only)."""
+        return any(e.chain.volatile for edges in self.edges.values() for e in edges)
 
     def next_edges(self, module: nn.Module) -> list[Edge]:
         """Edges of ``module`` to other modules (not to the boundary)."""
@@ -153,29 +156,54 @@ class _Tracer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         if self.inside:
-            return out
+            return func(*args, **kwargs)
         leaves, _ = tree_flatten((args, kwargs))
         followed = [t for t in leaves if self.origins(t)]
         if not followed:
-            return out
+            return func(*args, **kwargs)
+        replay_func, replay_kwargs, inplace = _out_of_place(func, kwargs)
+        # Operands other than the followed tensor are captured by value; an in-place op would modify them.
+        snapshot = {id(x): (x.detach().clone() if inplace else x.detach()) for x in leaves if isinstance(x, Tensor)}
+        out = func(*args, **kwargs)
         merged: dict[nn.Module, Chain] = {}
         for t in followed:
-            others = [
-                x for x in leaves
-                if isinstance(x, Tensor) and x is not t and id(x) not in self.constants
-            ]
-            blocker = f"{_op_name(func)} (combines the tensor with another activation)" if others else None
-            slot_args, slot_kwargs = tree_map(lambda a, t=t: _SLOT if a is t else a, (args, kwargs))
+            captured = any(
+                isinstance(x, Tensor) and x is not t and id(x) not in self.constants for x in leaves
+            )
+
+            def template(a, t=t):
+                if a is t:
+                    return _SLOT
+                if isinstance(a, Tensor) and id(a) not in self.constants:
+                    return snapshot[id(a)]
+                return a
+
+            slot_args, slot_kwargs = tree_map(template, (args, replay_kwargs))
             for origin, chain in self.origins(t).items():
-                new = chain.extend(func, slot_args, slot_kwargs, blocker)
-                if origin not in merged or (merged[origin].replayable and not new.replayable):
+                new = chain.extend(replay_func, slot_args, slot_kwargs, captured=captured)
+                if origin not in merged:
                     merged[origin] = new
         for o in tree_flatten(out)[0]:
             if isinstance(o, Tensor):
                 self.track(o, merged)
         return out
+
+
+def _out_of_place(func: Callable, kwargs: dict) -> tuple[Callable, dict, bool]:
+    """The out-of-place version of an in-place op (``relu_`` → ``relu``, ``__iadd__`` → ``__add__``,
+    ``inplace=True`` → ``False``), and whether ``func`` is in-place."""
+    name = _op_name(func)
+    if kwargs.get("inplace"):
+        return func, {**kwargs, "inplace": False}, True
+    alt = None
+    if name.startswith("__i") and name.endswith("__"):
+        alt = getattr(torch.Tensor, "__" + name[3:], None)
+    elif name.endswith("_") and not name.endswith("__"):
+        alt = getattr(torch.Tensor, name[:-1], None)
+    if alt is not None:
+        return alt, kwargs, True
+    return func, kwargs, False
 
 
 def discover(
