@@ -19,6 +19,8 @@ How one training step runs (DESIGN.md §4):
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -134,6 +137,13 @@ def _forked_rng(state: dict[str, Any]):
         yield
 
 
+def _power_singular_values(weight: Tensor, power: float) -> Tensor:
+    """``U diag(S^p) V^T`` of ``weight`` (paper §3, Fig. 4: sharpening ``W^T`` guesses by dominant directions)."""
+    u, s, vh = torch.linalg.svd(weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight,
+                                full_matrices=False)
+    return ((u * s.pow(power)) @ vh).to(weight.dtype)
+
+
 def _primal(x: Any) -> Any:
     if isinstance(x, Tensor):
         return fwAD.unpack_dual(x).primal
@@ -187,6 +197,7 @@ class GuessHandle:
         on_nonfinite: str,
         store: str,
         raw_parameters: str,
+        wt_power: float,
     ):
         self.model = model
         self.method = method
@@ -198,6 +209,7 @@ class GuessHandle:
         self.distribution = distribution
         self.on_nonfinite = on_nonfinite
         self.store = store
+        self.wt_power = wt_power
         self.skipped_steps = 0
         self.last_step_skipped = False
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -519,7 +531,10 @@ class GuessHandle:
             if target == "post":
                 out.append(x)
                 continue
-            y = edge.consumer(x)
+            if target == "next" and self.wt_power != 1.0 and isinstance(edge.consumer, nn.Linear):
+                y = F.linear(x, _power_singular_values(edge.consumer.weight.detach(), self.wt_power))
+            else:
+                y = edge.consumer(x)
             if target == "next":
                 out.append(y)
             else:
@@ -603,7 +618,7 @@ class GuessHandle:
         try:
             return self._forward(*args, **kwargs)
         except NotImplementedError as e:
-            if self._step is None or "forward AD" not in str(e) and "forward-mode" not in str(e):
+            if self._step is None or not re.search(r"forward[ -]?(mode )?AD|forward-mode|jvp", str(e)):
                 raise
             self._close_step()
             raise GuessingNotSupportedError(
@@ -741,6 +756,7 @@ def attach(
     on_nonfinite: str = "skip",
     store: str = "activations",
     raw_parameters: str = "error",
+    wt_power: float = 1.0,
 ) -> GuessHandle:
     """Train ``model`` with guessed gradients: an unchanged ``loss.backward()`` writes the estimate to ``p.grad``.
 
@@ -786,6 +802,9 @@ def attach(
             ViT's ``cls_token``): ``"error"`` refuses them at attach time; ``"directional"`` gives them a
             weight-space guess ``V ~ N(0, I)`` (one per step, shared by the ``num_guesses`` blocks) for every
             method. (default: ``"error"``)
+        wt_power: research variant of ``"wt"`` (paper §3, Fig. 4): build the guess from ``U diag(S^p) V^T`` of
+            each next ``nn.Linear`` weight instead of the weight itself; ``p > 1`` lets a few singular directions
+            dominate. (default: 1.0, the plain method)
 
     Returns:
         The :class:`GuessHandle` (also a context manager).
@@ -811,6 +830,10 @@ def attach(
         )
     if on_nonfinite not in ("skip", "raise"):
         raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r}; expected 'skip' or 'raise'")
+    if not isinstance(wt_power, (int, float)) or not math.isfinite(wt_power) or wt_power <= 0:
+        raise ValueError(f"Invalid wt_power: {wt_power!r}; expected a finite float > 0")
+    if wt_power != 1.0 and method != "wt":
+        raise ValueError(f"wt_power applies to method='wt' only, got method={method!r}")
     if store not in ("activations", "recompute"):
         raise ValueError(f"Invalid store: {store!r}; expected 'activations' or 'recompute'")
     if raw_parameters not in ("error", "directional"):
@@ -857,6 +880,7 @@ def attach(
         on_nonfinite=on_nonfinite,
         store=store,
         raw_parameters=raw_parameters,
+        wt_power=float(wt_power),
     )
 
 
