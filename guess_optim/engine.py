@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
