@@ -15,6 +15,7 @@ from .engine import (
 from .graph import GraphError
 from .guesses import METHODS, Method
 from .optim import StableAdamW
+from .prompts import PromptTokens
 
 __all__ = [
     "GUESS_POINT_TYPES",
@@ -24,6 +25,7 @@ __all__ = [
     "GuessingNotSupportedError",
     "Method",
     "NonFiniteEstimateWarning",
+    "PromptTokens",
     "StableAdamW",
     "attach",
     "handle_of",

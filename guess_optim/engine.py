@@ -44,6 +44,7 @@ from .guesses import (
     mixing_guess,
     wt_guess,
 )
+from .prompts import PromptTokens
 
 __all__ = [
     "GUESS_POINT_TYPES",
@@ -63,6 +64,7 @@ GUESS_POINT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Embedding,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
+    PromptTokens,
 )
 """Module types that can hold trainable parameters under guessing. Each is linear in its parameters, so its
 weight-space JVP is the module evaluated with the tangents in place of the parameters."""
@@ -91,6 +93,7 @@ class _Record:
     tangents: list[dict[str, Tensor]] | None = None  # weight space: one {name: V} per guess block
     exact: Edge | None = None  # exact head: the edge to the boundary
     output: Tensor | None = None  # exact head: s (primal), [N, *S]
+    output_rows: int = 0  # weight space: N
 
 
 @dataclass
@@ -467,6 +470,7 @@ class GuessHandle:
                 for _ in range(self.num_guesses)
             ]
             if not step.recomputing:
+                record.output_rows = primal.shape[0]
                 contribution = self._weight_space_jvp(module, record)
         else:
             contribution = record.guess = self._activation_guess(module, primal, graph)
@@ -480,19 +484,29 @@ class GuessHandle:
         step.records.append(record)
         if contribution is None:
             return None
+        if 0 in primal.stride():  # a broadcast view (PromptTokens): a dual tensor needs its own memory
+            primal = primal.contiguous()
         return fwAD.make_dual(primal, contribution if tangent is None else tangent + contribution)
 
     def _weight_space_jvp(self, module, record: _Record) -> Tensor:
         """The output tangent of weight perturbations ``V_j`` (one per guess block of rows): the module evaluated
         with ``V`` in place of its parameters, as every guess-point type is linear in its parameters."""
         k = self.num_guesses
-        chunks = [torch.chunk(a, k, dim=0) if isinstance(a, Tensor) else [a] * k for a in record.inputs]
+        rows = record.output_rows
+        # Split batch-shaped inputs into the K guess blocks; an int input equal to the number of rows is a batch
+        # size (PromptTokens(batch_size)) and becomes the block's size.
+        chunks = [
+            torch.chunk(a, k, dim=0) if isinstance(a, Tensor)
+            else [a // k if isinstance(a, int) and not isinstance(a, bool) and a == rows else a] * k
+            for a in record.inputs
+        ]
         zeros = {n: torch.zeros_like(p) for n, p in module.named_parameters(recurse=False) if n not in record.params}
         blocks = []
         self._quiet += 1
         try:
             for j in range(k):
-                blocks.append(functional_call(module, {**zeros, **record.tangents[j]}, tuple(c[j] for c in chunks)))
+                inputs = tuple(c[j] for c in chunks)
+                blocks.append(functional_call(module, {**zeros, **record.tangents[j]}, inputs))
         finally:
             self._quiet -= 1
         return torch.cat(blocks, dim=0)
