@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -522,38 +521,50 @@ class GuessHandle:
         self._quiet += 1
         try:
             with torch.enable_grad():
-                outputs = self._targets(module, leaf, graph, target)
+                outputs, lifts = self._targets(module, leaf, graph, target)
         finally:
             self._quiet -= 1
+        # A target whose lift is a weight W stands for F.linear(x, W): its VJP is ε @ W, so the next layer's
+        # forward is never computed for W^T guesses (one matmul, not two).
+        targets = [o.detach() if w is None else o.new_empty(()).expand(*o.shape[:-1], w.shape[0])
+                   for o, w in zip(outputs, lifts, strict=True)]
 
         def pullback(cotangents):
+            cotangents = [c if w is None else c @ w for c, w in zip(cotangents, lifts, strict=True)]
             with torch.enable_grad():
                 (g,) = torch.autograd.grad(outputs, leaf, cotangents, allow_unused=True)
             return torch.zeros_like(primal) if g is None else g
 
-        values = [o.detach() for o in outputs]
         if self.method.name == "mixing":
-            return mixing_guess(values, pullback, gen, self.num_guesses)
+            return mixing_guess(targets, pullback, gen, self.num_guesses)
         if target == "next":
-            return wt_guess(values, pullback, gen)
-        return downstream_guess(values, pullback, gen, self.distribution)
+            return wt_guess(targets, pullback, gen)
+        return downstream_guess(targets, pullback, gen, self.distribution)
 
-    def _targets(self, module, s: Tensor, graph: Graph, target: str) -> list[Tensor]:
-        out = []
+    def _targets(self, module, s: Tensor, graph: Graph, target: str) -> tuple[list[Tensor], list[Tensor | None]]:
+        """What the guess at ``module`` is pulled back from, as differentiable functions of ``s``.
+
+        Returns the outputs and, per output, ``None`` or a weight ``W``: the target is then ``F.linear(output, W)``
+        (a Linear next module, whose forward is not needed for a VJP).
+        """
+        out, lifts = [], []
         for edge in graph.next_edges(module):
             x = edge.chain(s)
             if target == "post":
                 out.append(x)
-                continue
-            if target == "next" and self.wt_power != 1.0 and isinstance(edge.consumer, nn.Linear):
-                y = F.linear(x, _power_singular_values(edge.consumer.weight.detach(), self.wt_power))
+                lifts.append(None)
+            elif target == "next" and type(edge.consumer) is nn.Linear:
+                w = edge.consumer.weight.detach()
+                out.append(x)
+                lifts.append(w if self.wt_power == 1.0 else _power_singular_values(w, self.wt_power))
+            elif target == "next":
+                out.append(edge.consumer(x))
+                lifts.append(None)
             else:
-                y = edge.consumer(x)
-            if target == "next":
-                out.append(y)
-            else:
-                out.extend(self._downstream(edge.consumer, y, graph, self.downstream_layers))
-        return out
+                y = self._downstream(edge.consumer, edge.consumer(x), graph, self.downstream_layers)
+                out.extend(y)
+                lifts.extend([None] * len(y))
+        return out, lifts
 
     def _downstream(self, module, y: Tensor, graph: Graph, layers: int) -> list[Tensor]:
         """Post-activations ``layers`` modules downstream of the guess point, given ``y`` = next module output."""
@@ -658,7 +669,8 @@ class GuessHandle:
                 self._accumulate(step, r)
         out = [step.grads.get(id(p)) for p in payload["params"]]
         step.records, step.grads, step.saved = [], {}, None
-        finite = bool(torch.isfinite(d).all()) and all(g is None or bool(torch.isfinite(g).all()) for g in out)
+        checks = [torch.isfinite(d).all()] + [torch.isfinite(g).all() for g in out if g is not None]
+        finite = bool(torch.stack(checks).all())  # one device sync per step
         self.last_step_skipped = not finite
         if not finite:
             msg = ("non-finite directional derivative or estimate: the estimate was not written to p.grad "
