@@ -7,6 +7,5 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install --quiet -e ".[dev,vision,hf]"
