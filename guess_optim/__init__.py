@@ -16,12 +16,14 @@ from .graph import GraphError
 from .guesses import METHODS, Method
 from .optim import StableAdamW
 from .prompts import PromptTokens
+from .trainer import GuessedGradientTrainer
 
 __all__ = [
     "GUESS_POINT_TYPES",
     "METHODS",
     "GraphError",
     "GuessHandle",
+    "GuessedGradientTrainer",
     "GuessingNotSupportedError",
     "Method",
     "NonFiniteEstimateWarning",

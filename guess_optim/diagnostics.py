@@ -38,7 +38,7 @@ def _cos(a: Tensor, b: Tensor) -> float:
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
         return 0.0
-    return float((a @ b) / (na * nb))
+    return float(((a @ b) / (na * nb)).clamp(-1.0, 1.0))  # rounding can exceed 1 by an ulp
 
 
 def _layers(model: nn.Module) -> dict[str, list[str]]:

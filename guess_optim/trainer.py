@@ -1,0 +1,444 @@
+"""A small plain-PyTorch training loop with guessed gradients: progress bar, evaluation, cosine tracking, checkpoints.
+
+For people without a training framework (the ``guess-optim train`` command uses it). With a framework, call
+:func:`~guess_optim.attach` in it instead: the loop below is nothing more than ``attach`` plus the usual
+``zero_grad / loss.backward() / optimizer.step()``, skipping the step when the engine did not write an estimate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .diagnostics import backprop_gradient, gradient_cosine, read_grads
+from .engine import attach
+from .guesses import get_method
+
+__all__ = ["CHECKPOINT_NAME", "GuessedGradientTrainer", "atomic_write"]
+
+CHECKPOINT_NAME = "last.pt"
+"""File name of the checkpoint written to ``checkpoint_dir`` after every epoch."""
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode: str = "wb") -> None:
+    """Write a file so that ``path`` holds either its previous content or the complete new one, never a torn file.
+
+    ``write(f)`` writes into a temporary file in the same directory, which is flushed, fsync'ed and then moved over
+    ``path`` with :func:`os.replace` (atomic on POSIX and Windows). If ``write`` raises, the temporary file is
+    removed and ``path`` is untouched.
+
+    Args:
+        path: destination file; its directory must exist.
+        write: called once with the open temporary file.
+        mode: ``"wb"`` or ``"w"``. (default: ``"wb"``)
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+class GuessedGradientTrainer:
+    """Train a classifier with guessed gradients (or backprop) in a plain PyTorch loop.
+
+    Each step is ``optimizer.zero_grad(set_to_none=True)``, ``loss_fn(model(x), y).backward()`` (which, with a
+    guessing method attached, writes the estimate to ``p.grad``; paper §2) and ``optimizer.step()``, except when the
+    engine reports a non-finite estimate (``handle.last_step_skipped``; for ``"backprop"``, a non-finite loss): then
+    the optimizer does not step and the step is counted in :attr:`skipped_steps`. The method is attached with
+    :func:`~guess_optim.attach` only for the duration of :meth:`fit` and removed at its end, also on errors and
+    ``KeyboardInterrupt``.
+
+    Example::
+
+        trainer = GuessedGradientTrainer(model, torch.optim.AdamW(model.parameters()), method="wt", seed=0)
+        history = trainer.fit(train_loader, test_loader, epochs=5)
+        print(history[-1]["test_accuracy"])
+
+    Batches are ``(inputs, targets)``; ``model(inputs)`` returns logits ``[B, C]`` and targets are class indices
+    ``[B]`` (the accuracy is ``argmax(logits, -1) == targets``).
+
+    Args:
+        model: the model; moved to ``device``.
+        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+        method: a method of :data:`~guess_optim.METHODS` (``"backprop"`` trains with exact gradients).
+            (default: ``"wt"``)
+        loss_fn: ``loss_fn(logits, targets) -> scalar tensor``, mean over the batch. (default:
+            ``F.cross_entropy``)
+        seed: seed of the guesses (passed to :func:`~guess_optim.attach`). (default: 0)
+        device: where the model and batches go. (default: ``"cpu"``)
+        track_cosine: every ``track_cosine`` optimizer steps (counted over the whole run from step 0), the cosine
+            similarity of the estimate in ``p.grad`` to the backprop gradient of the same batch (paper §3, Fig. 1);
+            0 turns it off. The reference is computed under a forked RNG, so tracking does not change the training
+            trajectory. (default: 0)
+        progress: show a ``tqdm`` progress bar over each epoch's steps. (default: ``True``)
+        verbose: print one line per epoch with ``tqdm.write``. (default: ``True``)
+        checkpoint_dir: if given, save ``checkpoint_dir/last.pt`` atomically after every epoch (created if
+            missing); ``fit(..., resume=True)`` continues from it. (default: ``None``)
+        **attach_kwargs: passed on to :func:`~guess_optim.attach` (``exact_head``, ``num_guesses``, ``head``,
+            ``downstream_layers``, ``distribution``, ``on_nonfinite``).
+
+    Attributes:
+        history: one dict per finished epoch (see :meth:`fit`).
+        skipped_steps: steps whose optimizer step was skipped because the estimate (or loss) was not finite.
+        cosines: ``(step, cosine)`` of every tracked step.
+        global_step: batches processed so far.
+        epoch: epochs finished so far.
+        handle: the :class:`~guess_optim.GuessHandle` while :meth:`fit` runs, else ``None``.
+
+    Raises:
+        ValueError: unknown ``method`` (from :func:`~guess_optim.guesses.get_method`), ``track_cosine`` not an int
+            >= 0, or ``seed`` not an int >= 0.
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        method: str = "wt",
+        loss_fn: LossFn = F.cross_entropy,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        track_cosine: int = 0,
+        progress: bool = True,
+        verbose: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        **attach_kwargs: Any,
+    ) -> None:
+        get_method(method)  # unknown method: the registry's ValueError, before anything else
+        if isinstance(track_cosine, bool) or not isinstance(track_cosine, int) or track_cosine < 0:
+            raise ValueError(f"Invalid track_cosine: {track_cosine!r}; expected an int >= 0 (0 turns it off)")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"Invalid seed: {seed!r}; expected an int >= 0")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        self.method = method
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.track_cosine = track_cosine
+        self.progress = progress
+        self.verbose = verbose
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.attach_kwargs = attach_kwargs
+        self.history: list[dict[str, Any]] = []
+        self.skipped_steps = 0
+        self.cosines: list[tuple[int, float]] = []
+        self.global_step = 0
+        self.epoch = 0
+        self.handle = None
+        self._handle_state: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------------------------------------- training
+    def fit(
+        self,
+        train_loader: Iterable,
+        test_loader: Iterable | None = None,
+        *,
+        epochs: int,
+        resume: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Train until ``epochs`` epochs are finished in total; evaluate after each.
+
+        Args:
+            train_loader: yields ``(inputs, targets)``; its ``generator`` (if any) is checkpointed so a resumed
+                run shuffles exactly as an uninterrupted one. Its ``dataset`` (if it is a ``DataLoader``) is
+                re-read in order, unshuffled, for the train accuracy.
+            test_loader: evaluated after every epoch (``test_accuracy``/``test_loss`` are ``None`` without it).
+                (default: ``None``)
+            epochs: total number of epochs, counting those already done (by an earlier :meth:`fit` call on this
+                trainer or restored from the checkpoint).
+            resume: load ``checkpoint_dir/last.pt`` first (model, optimizer, guess generators, shuffling and
+                global RNG state, history) and continue from the next epoch. (default: ``False``)
+
+        Returns:
+            :attr:`history`: per epoch ``{"epoch" (1-based), "train_loss" (mean over the epoch's steps whose loss
+            was finite, ``None`` if none), "train_accuracy" (the whole train set in eval mode after the epoch,
+            in [0, 1]), "train_eval_loss", "test_accuracy", "test_loss", "mean_cosine" (``None`` unless tracked in
+            this epoch), "skipped_steps" (this epoch), "steps", "seconds" (wall time of the epoch, evaluation
+            included)}``.
+
+        Raises:
+            ValueError: ``epochs`` not an int >= 1, or ``resume=True`` without ``checkpoint_dir``, or a checkpoint
+                written for another method.
+            FileNotFoundError: ``resume=True`` and ``checkpoint_dir/last.pt`` does not exist.
+        """
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"Invalid epochs: {epochs!r}; expected an int >= 1")
+        if resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir= (the directory that holds last.pt)")
+        checkpoint = self._read_checkpoint() if resume else None
+        if self.checkpoint_dir is not None:
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+        self.handle = attach(self.model, self.method, seed=self.seed, **self.attach_kwargs)
+        try:
+            if checkpoint is not None:
+                self._restore(checkpoint, train_loader)
+            elif self._handle_state is not None:  # a second fit() on this trainer continues the guess streams
+                self.handle.load_state_dict(self._handle_state)
+            while self.epoch < epochs:
+                self._run_epoch(train_loader, test_loader, epochs)
+                self._handle_state = self.handle.state_dict()
+                if self.checkpoint_dir is not None:
+                    self.save_checkpoint(train_loader)
+        finally:
+            self._handle_state = self.handle.state_dict()
+            self.handle.remove()
+            self.handle = None
+        return self.history
+
+    def _run_epoch(self, train_loader: Iterable, test_loader: Iterable | None, epochs: int) -> None:
+        start = time.perf_counter()
+        self.model.train()
+        losses: list[float] = []
+        cosines: list[float] = []
+        skipped = steps = 0
+        total = len(train_loader) if hasattr(train_loader, "__len__") else None
+        bar = tqdm(
+            train_loader,
+            total=total,
+            desc=f"epoch {self.epoch + 1}/{epochs}",
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for batch in bar:
+            x, y = _to(batch, self.device)
+            loss, skip, cos = self._step(x, y)
+            steps += 1
+            if skip:
+                skipped += 1
+            if math.isfinite(loss):
+                losses.append(loss)
+            if cos is not None:
+                cosines.append(cos)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.close()
+        self.epoch += 1
+        train_eval = self.evaluate(self._ordered(train_loader))
+        test_eval = self.evaluate(test_loader) if test_loader is not None else {"loss": None, "accuracy": None}
+        record = {
+            "epoch": self.epoch,
+            "train_loss": _mean(losses),
+            "train_accuracy": train_eval["accuracy"],
+            "train_eval_loss": train_eval["loss"],
+            "test_accuracy": test_eval["accuracy"],
+            "test_loss": test_eval["loss"],
+            "mean_cosine": _mean(cosines),
+            "skipped_steps": skipped,
+            "steps": steps,
+            "seconds": time.perf_counter() - start,
+        }
+        self.history.append(record)
+        if self.verbose:
+            tqdm.write(self._format(record, epochs))
+
+    def _step(self, x: Any, y: Tensor) -> tuple[float, bool, float | None]:
+        """One optimizer step; returns ``(loss, skipped, cosine or None)``."""
+        step = self.global_step
+        self.global_step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        value = float(loss.detach())
+        if self.handle.method.space == "backprop":
+            skipped = not math.isfinite(value)
+            if skipped:
+                warnings.warn(
+                    f"non-finite loss at step {step}: the optimizer step was skipped", RuntimeWarning, stacklevel=3
+                )
+        else:
+            skipped = self.handle.last_step_skipped
+        cos = None
+        if self.track_cosine and step % self.track_cosine == 0 and not skipped:
+            cos = self._cosine(x, y)
+            self.cosines.append((step, cos))
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
+        return value, skipped, cos
+
+    def _cosine(self, x: Any, y: Tensor) -> float:
+        """Cosine of ``p.grad`` (the estimate the optimizer is about to use) to backprop's gradient on ``(x, y)``."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # dropout in the reference forward must not shift the RNG
+            reference = backprop_gradient(self.model, (x, y), self.loss_fn)
+        return gradient_cosine(self.model, read_grads(self.model), reference).total
+
+    @staticmethod
+    def _ordered(loader: Iterable) -> Iterable:
+        """The loader's dataset in order (no shuffling, no RNG draw), for the train-set evaluation."""
+        if isinstance(loader, DataLoader):
+            return DataLoader(
+                loader.dataset,
+                batch_size=loader.batch_size or 256,
+                shuffle=False,
+                collate_fn=loader.collate_fn,
+                num_workers=0,
+            )
+        return loader
+
+    def _format(self, r: dict[str, Any], epochs: int) -> str:
+        def f(v: float | None, spec: str) -> str:
+            return "-" if v is None else format(v, spec)
+
+        parts = [
+            f"epoch {r['epoch']}/{epochs}",
+            f"train loss {f(r['train_loss'], '.4f')}",
+            f"train acc {f(r['train_accuracy'], '.4f')}",
+            f"test acc {f(r['test_accuracy'], '.4f')}",
+        ]
+        if self.track_cosine:
+            parts.append(f"cosine {f(r['mean_cosine'], '.4f')}")
+        parts += [f"skipped {r['skipped_steps']}", f"{r['seconds']:.1f}s"]
+        return " | ".join(parts)
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable) -> dict[str, float | None]:
+        """Mean loss and accuracy of the model over ``loader`` in eval mode; the model's mode is restored after.
+
+        Args:
+            loader: yields ``(inputs, targets)``, targets class indices ``[B]``.
+
+        Returns:
+            ``{"loss": mean of loss_fn over examples (batch means weighted by batch size), "accuracy": fraction
+            in [0, 1]}``; both ``None`` for an empty loader.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        total = correct = 0
+        loss_sum = 0.0
+        try:
+            for batch in loader:
+                x, y = _to(batch, self.device)
+                out = self.model(x)
+                n = y.shape[0]
+                loss_sum += float(self.loss_fn(out, y)) * n
+                correct += int((out.argmax(-1) == y).sum())
+                total += n
+        finally:
+            self.model.train(was_training)
+        if total == 0:
+            return {"loss": None, "accuracy": None}
+        return {"loss": loss_sum / total, "accuracy": correct / total}
+
+    # --------------------------------------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> str | None:
+        """``checkpoint_dir/last.pt``, or ``None`` without a checkpoint directory."""
+        return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, CHECKPOINT_NAME)
+
+    def state_dict(self, train_loader: Iterable | None = None) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit-identically.
+
+        Args:
+            train_loader: its ``generator`` state (the shuffling stream) is included if it has one.
+                (default: ``None``)
+        """
+        gen = getattr(train_loader, "generator", None)
+        handle_state = self.handle.state_dict() if self.handle is not None else self._handle_state
+        return {
+            "format": 1,
+            "method": self.method,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "handle": handle_state,
+            "loader_generator": gen.get_state() if isinstance(gen, torch.Generator) else None,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "history": self.history,
+            "skipped_steps": self.skipped_steps,
+            "cosines": [list(c) for c in self.cosines],
+        }
+
+    def save_checkpoint(self, train_loader: Iterable | None = None) -> str:
+        """Save :meth:`state_dict` to ``checkpoint_dir/last.pt`` atomically (temp file + ``os.replace``).
+
+        Returns:
+            The checkpoint's path.
+
+        Raises:
+            ValueError: the trainer has no ``checkpoint_dir``.
+        """
+        path = self.checkpoint_path
+        if path is None:
+            raise ValueError("save_checkpoint() needs checkpoint_dir= in the constructor")
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        state = self.state_dict(train_loader)
+        atomic_write(path, lambda f: torch.save(state, f))
+        return path
+
+    def _read_checkpoint(self) -> dict[str, Any]:
+        path = self.checkpoint_path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"resume=True but there is no checkpoint at {path!r}; run without resume first (it saves one "
+                "after every epoch) or point checkpoint_dir at the directory holding last.pt"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("method") != self.method:
+            raise ValueError(
+                f"the checkpoint at {path!r} was written by method {state.get('method')!r}, not {self.method!r}"
+            )
+        return state
+
+    def _restore(self, state: dict[str, Any], train_loader: Iterable) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("handle") is not None:
+            self.handle.load_state_dict(state["handle"])
+        gen = getattr(train_loader, "generator", None)
+        if state.get("loader_generator") is not None and isinstance(gen, torch.Generator):
+            gen.set_state(state["loader_generator"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.cosines = [(int(s), float(c)) for s, c in state.get("cosines", [])]

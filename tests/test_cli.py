@@ -1,0 +1,173 @@
+"""The ``guess-optim`` command: train and cosine on tiny settings, JSON output, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from guess_optim import METHODS
+from guess_optim.cli import build_optimizer, derive_seeds, main
+
+TINY = ["--dataset", "digits", "--depth", "2", "--width", "16", "--batch-size", "128"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(tmp_path, *extra, name="out.json"):
+    out = tmp_path / name
+    code = main(["train", *TINY, "--epochs", "2", "--quiet", "--out", str(out), *extra])
+    return code, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_train_writes_every_field(tmp_path, capsys):
+    code, r = train(tmp_path, "--track-cosine", "3")
+    assert code == 0
+    for key in (
+        "method",
+        "dataset",
+        "depth",
+        "width",
+        "epochs",
+        "train_accuracy",
+        "test_accuracy",
+        "final_train_loss",
+        "mean_cosine",
+        "seconds",
+        "skipped_steps",
+        "config",
+        "versions",
+        "history",
+        "seeds",
+    ):
+        assert key in r, key
+    assert (r["method"], r["dataset"], r["depth"], r["width"], r["epochs"]) == ("wt", "digits", 2, 16, 2)
+    assert 0 <= r["train_accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
+    assert math.isfinite(r["final_train_loss"]) and r["seconds"] > 0 and r["skipped_steps"] == 0
+    assert -1 <= r["mean_cosine"] <= 1
+    assert r["config"]["lr"] == 1e-3 and r["config"]["optimizer"] == "adamw" and r["config"]["seed"] == 0
+    assert r["versions"]["torch"] == torch.__version__ and "guess_optim" in r["versions"]
+    assert [h["epoch"] for h in r["history"]] == [1, 2]
+    assert r["history"][-1]["train_accuracy"] == r["train_accuracy"]
+    assert r["seeds"] == derive_seeds(0)
+    out = capsys.readouterr().out
+    assert "epoch 2/2" in out and "cosine" in out and "test acc" in out
+
+
+def test_train_is_deterministic_and_tracking_off(tmp_path):
+    _, a = train(tmp_path, "--track-cosine", "0", name="a.json")
+    _, b = train(tmp_path, "--track-cosine", "0", name="b.json")
+    assert a["mean_cosine"] is None and all(h["mean_cosine"] is None for h in a["history"])
+    strip = lambda r: [{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def test_train_resume(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["train", *TINY, "--epochs", "1", "--quiet", "--checkpoint-dir", ckpt]) == 0
+    code, r = train(tmp_path, "--checkpoint-dir", ckpt, "--resume")
+    assert code == 0 and r["epochs"] == 2 and len(r["history"]) == 2
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "stable-adamw"])
+def test_train_optimizers(tmp_path, optimizer):
+    if optimizer == "stable-adamw":
+        pytest.importorskip("guess_optim.optim", reason="StableAdamW not available")
+        from guess_optim import optim
+
+        if not hasattr(optim, "StableAdamW"):
+            pytest.skip("guess_optim.optim.StableAdamW not available")
+    extra = ["--optimizer", optimizer, "--lr", "0.01"] + (["--momentum", "0.9"] if optimizer == "sgd" else [])
+    code, r = train(tmp_path, *extra)
+    assert code == 0 and r["optimizer"] == optimizer and 0 <= r["test_accuracy"] <= 1
+
+
+def test_build_optimizer_types():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(build_optimizer("adamw", params, lr=0.1), torch.optim.AdamW)
+    sgd = build_optimizer("sgd", params, lr=0.1, momentum=0.5, weight_decay=0.1)
+    assert sgd.defaults["momentum"] == 0.5 and sgd.defaults["weight_decay"] == 0.1
+    assert build_optimizer("adamw", params, lr=0.1).defaults["weight_decay"] == 0.0  # not torch's 0.01
+    with pytest.raises(ValueError, match="Invalid optimizer"):
+        build_optimizer("lbfgs", params, lr=0.1)
+
+
+def test_missing_dataset_exit_code_2(tmp_path, capsys):
+    code = main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--epochs", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--download" in err and "not found" in err and "Traceback" not in err
+
+
+BAD_FLAGS = [
+    ["train", "--epochs", "0"],
+    ["train", "--method", "nope"],
+    ["train", "--dataset", "imagenet"],
+    ["train", "--lr", "-1"],
+    ["train", "--lr", "nan"],
+    ["train", "--track-cosine", "-2"],
+    ["train", "--resume"],
+    ["train", "--optimizer", "adamw", "--momentum", "0.9"],
+    ["cosine", "--methods", "wt,nope"],
+    ["cosine", "--every", "0"],
+    [],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_FLAGS, ids=lambda a: " ".join(a) or "no-command")
+def test_bad_flags_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cosine_table_and_json(tmp_path, capsys):
+    out = tmp_path / "cos.json"
+    code = main(
+        [
+            "cosine",
+            "--dataset",
+            "digits",
+            "--depth",
+            "3",
+            "--width",
+            "16",
+            "--steps",
+            "6",
+            "--every",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["methods"] == list(METHODS)
+    assert [m["step"] for m in r["measurements"]] == [0, 3]
+    for m in r["measurements"]:
+        assert all(abs(c) <= 1 + 1e-12 for c in m["cosine"].values())
+        assert set(m["per_layer"]["wt"]) == {"layers.1", "layers.3", "layers.5"}
+    assert set(r["mean_cosine"]) == set(METHODS)
+    assert r["mean_cosine"]["backprop"] == pytest.approx(1.0)
+    assert r["ratio_to_directional"]["directional"] == 1.0
+    assert r["mean_cosine"]["directional"] > 0  # (g.V)V has a non-negative cosine with g
+    table = capsys.readouterr().out
+    for name in METHODS:
+        assert name in table
+    assert "x directional" in table
+
+
+def test_cosine_without_directional_has_no_ratio(tmp_path):
+    out = tmp_path / "cos.json"
+    assert main(["cosine", *TINY, "--methods", "wt,activation", "--steps", "2", "--every", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["methods"] == ["wt", "activation"] and r["ratio_to_directional"] == {"wt": None, "activation": None}
