@@ -10,7 +10,6 @@ import weakref
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch import nn
 
 from guess_optim import GuessingNotSupportedError, NonFiniteEstimateWarning, attach
