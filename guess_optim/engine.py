@@ -69,6 +69,7 @@ GUESS_POINT_TYPES: tuple[type[nn.Module], ...] = (
 weight-space JVP is the module evaluated with the tangents in place of the parameters."""
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, *_BATCHNORM)
 _NO_REPEAT_KWARGS = frozenset({"labels", "label", "targets"})
 _ATTR = "_guess_optim_handle"
 
@@ -182,7 +183,8 @@ class GuessHandle:
         seed: the seed of the private generator.
         num_guesses: guesses averaged per step.
         skipped_steps: number of backward passes whose estimate was not finite and was not written.
-        last_step_skipped: whether the most recent backward pass was skipped.
+        last_step_skipped: whether the most recent backward's estimate was not finite (and so not written,
+            unless ``on_nonfinite="propagate"``): the optimizer step should be skipped.
     """
 
     def __init__(
@@ -230,14 +232,22 @@ class GuessHandle:
         self._batchnorms: list[nn.Module] = []
         self._raw: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._forward: Any = None
+        self._frozen_norms: list[nn.Module] = []
         for m in model.modules():
             if isinstance(m, GUESS_POINT_TYPES):
-                self._modules.append(m)
                 if any(p.requires_grad for p in m.parameters(recurse=False)):
                     self.guess_points.append(m)
+                    self._modules.append(m)
+                elif isinstance(m, _NORMS):
+                    # A frozen normalization is traced through like a parameter-free op, so the next modules of
+                    # what feeds it are the weights behind it (paper A.6: a prompt's W^T guess is built from the
+                    # modules that consume it, through the frozen LayerNorm).
+                    self._frozen_norms.append(m)
+                else:
+                    self._modules.append(m)
             elif raw_parameters == "directional":
                 self._raw += [(m, n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
-            if isinstance(m, _BATCHNORM) and any(p.requires_grad for p in m.parameters(recurse=False)):
+            if isinstance(m, _BATCHNORM):
                 self._batchnorms.append(m)
         if method.space != "backprop":
             self._install()
@@ -248,6 +258,8 @@ class GuessHandle:
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         for m in self.guess_points:
             self._hooks.append(m.register_forward_hook(self._guess_point_hook))
+        for m in self._frozen_norms:
+            self._hooks.append(m.register_forward_hook(self._match_tangent_dtype))
         self._hooks.append(self.head.register_forward_hook(self._boundary_hook))
         # Runs even when forward raises, so the dual level and no_grad never stay open.
         self._hooks.append(self.model.register_forward_hook(self._root_post, always_call=True))
@@ -485,7 +497,19 @@ class GuessHandle:
             return None
         if 0 in primal.stride():  # a broadcast view (PromptTokens): a dual tensor needs its own memory
             primal = primal.contiguous()
-        return fwAD.make_dual(primal, contribution if tangent is None else tangent + contribution)
+        new_tangent = contribution if tangent is None else tangent + contribution
+        return fwAD.make_dual(primal, new_tangent.to(primal.dtype))
+
+    def _match_tangent_dtype(self, module, args, output):
+        """Under CPU autocast, LayerNorm returns a bfloat16 value with a float32 tangent, which the next Linear
+        rejects: give the tangent the value's dtype."""
+        step = self._step
+        if step is None or step.closed or self._quiet or step.recomputing or not isinstance(output, Tensor):
+            return None
+        primal, tangent = fwAD.unpack_dual(output)
+        if tangent is None or tangent.dtype == primal.dtype:
+            return None
+        return fwAD.make_dual(primal, tangent.to(primal.dtype))
 
     def _weight_space_jvp(self, module, record: _Record) -> Tensor:
         """The output tangent of weight perturbations ``V_j`` (one per guess block of rows): the module evaluated
@@ -672,7 +696,9 @@ class GuessHandle:
         checks = [torch.isfinite(d).all()] + [torch.isfinite(g).all() for g in out if g is not None]
         finite = bool(torch.stack(checks).all())  # one device sync per step
         self.last_step_skipped = not finite
-        if not finite:
+        if not finite and self.on_nonfinite == "propagate":
+            self.skipped_steps += 1  # written as is, for a GradScaler to see the overflow and back off
+        elif not finite:
             msg = ("non-finite directional derivative or estimate: the estimate was not written to p.grad "
                    f"(skipped steps so far: {self.skipped_steps + 1})")
             if self.on_nonfinite == "raise":
@@ -819,7 +845,9 @@ def attach(
         distribution: law of the downstream guess ``ε``: ``"normal"``, ``"uniform"`` (``U[0, 1)``) or
             ``"symmetric-uniform"`` (``U(-1, 1)``). (default: the method's own: uniform for self-sharpening)
         on_nonfinite: ``"skip"`` (warn with :class:`NonFiniteEstimateWarning`, write no estimate, count it in
-            ``handle.skipped_steps``) or ``"raise"`` (``FloatingPointError``). (default: ``"skip"``)
+            ``handle.skipped_steps``), ``"raise"`` (``FloatingPointError``) or ``"propagate"`` (write it as backprop
+            would, and count it: for ``torch.amp.GradScaler``, whose ``step()`` needs to see the overflow to skip
+            the step and back off the scale). (default: ``"skip"``)
         store: ``"activations"`` keeps each guess point's input and guess from the forward to the backward (memory
             like backprop's); ``"recompute"`` keeps only the input batch and the generator/RNG states, and runs a
             second forward during ``backward()`` that regenerates them one layer at a time (memory near inference's,
@@ -854,8 +882,8 @@ def attach(
         raise ValueError(
             f"Invalid distribution: {distribution!r}; expected 'normal', 'uniform' or 'symmetric-uniform'"
         )
-    if on_nonfinite not in ("skip", "raise"):
-        raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r}; expected 'skip' or 'raise'")
+    if on_nonfinite not in ("skip", "raise", "propagate"):
+        raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r}; expected 'skip', 'raise' or 'propagate'")
     if not isinstance(wt_power, (int, float)) or not math.isfinite(wt_power) or wt_power <= 0:
         raise ValueError(f"Invalid wt_power: {wt_power!r}; expected a finite float > 0")
     if wt_power != 1.0 and method != "wt":
