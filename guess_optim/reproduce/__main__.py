@@ -1,0 +1,5 @@
+"""``python -m guess_optim.reproduce <experiment> [--flags]``."""
+
+from .runner import main
+
+raise SystemExit(main())

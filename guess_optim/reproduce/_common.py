@@ -1,0 +1,430 @@
+"""Pieces shared by the reproduction experiments: configs, seeds, models, training loop, output files.
+
+Nothing here holds global state: every experiment gets its whole configuration as a dataclass, derives every seed
+from ``config.seed`` with :func:`derive_seed`, builds its model under a forked global RNG (so the caller's global RNG
+is left as it was) and draws guesses from the engine's private generators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from .. import __version__
+from ..data import DATASETS, DatasetSplits, load_dataset, make_loaders
+from ..diagnostics import backprop_gradient, gradient_cosine, read_grads
+from ..engine import NonFiniteEstimateWarning, attach
+from ..guesses import METHODS
+from ..models import MLP
+from ..optim import StableAdamW
+
+__all__ = [
+    "GUESSED_METHODS",
+    "METHOD_COLORS",
+    "METHOD_LABELS",
+    "OPTIMIZERS",
+    "BaseConfig",
+    "DatasetConfig",
+    "Estimator",
+    "TrainLog",
+    "accuracy",
+    "arg",
+    "batches",
+    "cross_entropy",
+    "derive_seed",
+    "effective_rank",
+    "figure",
+    "finish",
+    "load",
+    "make_mlp",
+    "make_optimizer",
+    "mean_std",
+    "train",
+    "versions",
+    "windowed_mean",
+]
+
+GUESSED_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "backprop")
+"""Every method of the registry except the backprop oracle, in registry order."""
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "stable-adamw")
+
+Batch = tuple[Tensor, Tensor]
+Estimator = Callable[[nn.Module, Batch], Tensor]
+"""Writes a gradient (exact or estimated) of the batch's loss into ``p.grad`` and returns the loss (a scalar)."""
+
+
+def arg(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with a ``--flag`` help string (read by the CLI) and optional ``choices``."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+@dataclass
+class BaseConfig:
+    """Fields every experiment has. Subclasses add their own and call ``super().__post_init__()``."""
+
+    data_dir: str | None = arg(None, "root of the torchvision datasets (mnist, svhn, cifar10, cifar100)")
+    download: bool = arg(False, "let torchvision download a missing dataset into --data-dir")
+    batch_size: int = arg(128, "examples per batch")
+    seed: int = arg(0, "base seed: model init, data order and guesses derive from it")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # lists (e.g. a config read back from JSON) become the tuples expected
+            v = getattr(self, f.name)
+            if isinstance(f.default, tuple) and isinstance(v, list):
+                setattr(self, f.name, tuple(tuple(x) if isinstance(x, list) else x for x in v))
+        if isinstance(self.data_dir, os.PathLike):
+            self.data_dir = os.fspath(self.data_dir)  # kept as a string so the config stays JSON-ready
+        _check(self.data_dir is None or isinstance(self.data_dir, str), "data_dir", self.data_dir, "a path or None")
+        self.check_positive("batch_size")
+        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an int >= 0")
+
+    # ------------------------------------------------------------------------------------------- validators
+    def check_positive(self, *names: str, kind: type = int) -> None:
+        """Every named field is an ``int >= 1`` (``kind=int``) or a finite float ``> 0`` (``kind=float``)."""
+        for n in names:
+            v = getattr(self, n)
+            if kind is int:
+                _check(_is_int(v) and v >= 1, n, v, "an int >= 1")
+            else:
+                _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                       n, v, "a finite number > 0")
+
+    def check_nonneg(self, *names: str) -> None:
+        """Every named field is an ``int >= 0``."""
+        for n in names:
+            v = getattr(self, n)
+            _check(_is_int(v) and v >= 0, n, v, "an int >= 0")
+
+    def check_methods(self, name: str, allowed: Sequence[str] = tuple(METHODS)) -> None:
+        """Field ``name`` is a non-empty tuple of distinct method names from ``allowed``."""
+        v = getattr(self, name)
+        _check(isinstance(v, tuple) and len(v) > 0 and len(set(v)) == len(v) and all(m in allowed for m in v),
+               name, v, f"distinct names from {', '.join(allowed)}")
+
+    def check_floats(self, name: str, *, positive: bool = True, low: float | None = None,
+                     high: float | None = None) -> None:
+        """Field ``name`` is a non-empty tuple of finite floats (``> 0`` if ``positive``; within ``[low, high]``)."""
+        v = getattr(self, name)
+        ok = isinstance(v, tuple) and len(v) > 0 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        ok = ok and (not positive or all(x > 0 for x in v))
+        ok = ok and (low is None or all(x >= low for x in v)) and (high is None or all(x <= high for x in v))
+        rng = "" if low is None and high is None else f" in [{low}, {high}]"
+        _check(ok, name, v, f"a non-empty list of finite numbers{' > 0' if positive else ''}{rng}")
+
+    def check_ints(self, name: str, low: int = 1) -> None:
+        """Field ``name`` is a non-empty tuple of ints ``>= low``."""
+        v = getattr(self, name)
+        _check(isinstance(v, tuple) and len(v) > 0 and all(_is_int(x) and x >= low for x in v),
+               name, v, f"a non-empty list of ints >= {low}")
+
+    def check_choice(self, name: str, choices: Sequence[str]) -> None:
+        """Field ``name`` is one of ``choices``."""
+        v = getattr(self, name)
+        _check(v in choices, name, v, f"one of {', '.join(choices)}")
+
+
+@dataclass
+class DatasetConfig(BaseConfig):
+    """:class:`BaseConfig` plus the one dataset the experiment runs on."""
+
+    dataset: str = arg("mnist-5k", "dataset (mnist-5k is embedded; the others need --data-dir)", choices=DATASETS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_choice("dataset", DATASETS)
+
+
+def derive_seed(*keys: int) -> int:
+    """A seed in ``[0, 2**62)`` derived from integer ``keys`` by ``numpy.random.SeedSequence`` (no global RNG)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(2))
+
+
+def load(config: BaseConfig, dataset: str | None = None) -> DatasetSplits:
+    """``dataset`` (default: ``config.dataset``) with ``config``'s data directory and download flag (split seed 0, as
+    everywhere in the project)."""
+    return load_dataset(dataset or config.dataset, data_dir=config.data_dir, download=config.download)
+
+
+def make_mlp(splits: DatasetSplits, depth: int, width: int, seed: int) -> MLP:
+    """The paper's MLP for ``splits``, initialized from ``seed`` under a forked global RNG (the caller's RNG state is
+    unchanged)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MLP(int(np.prod(splits.input_shape)), splits.num_classes, depth=depth, width=width)
+
+
+def make_optimizer(name: str, params: Any, lr: float, *, weight_decay: float = 0.0,
+                   momentum: float = 0.0) -> torch.optim.Optimizer:
+    """``"adamw"`` (torch AdamW), ``"sgd"`` (with ``momentum``) or ``"stable-adamw"`` (:class:`StableAdamW`)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "stable-adamw":
+        return StableAdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"Invalid optimizer: {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+
+
+def batches(splits: DatasetSplits, batch_size: int, seed: int) -> Iterator[Batch]:
+    """Endless shuffled training batches, epoch after epoch (shuffling seeded by ``seed``)."""
+    loader, _ = make_loaders(splits, batch_size, seed=seed)
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 1000) -> float:
+    """Fraction in ``[0, 1]`` of ``dataset`` classified correctly (model in eval mode for the call)."""
+    was = model.training
+    model.eval()
+    try:
+        x, y = dataset.tensors
+        correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                      for i in range(0, len(y), batch_size))
+    finally:
+        model.train(was)
+    return correct / len(y)
+
+
+def effective_rank(matrix: Tensor) -> float:
+    """Effective rank of Roy & Vetterli (2007): ``exp(H(p))`` with ``p = σ / Σσ`` the normalized singular values.
+
+    Lies in ``[1, rank(matrix)]`` for a non-zero matrix (1: one singular value; ``rank``: all equal); 0 for a zero
+    matrix. Computed in float64.
+
+    Args:
+        matrix: a 2-D tensor ``[m, n]``.
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"effective_rank expects a 2-D tensor, got shape {tuple(matrix.shape)}")
+    s = torch.linalg.svdvals(matrix.detach().double())
+    total = s.sum()
+    if total == 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    """The loss of every experiment: mean cross-entropy over the batch."""
+    return F.cross_entropy(output, target)
+
+
+@dataclass
+class TrainLog:
+    """What :func:`train` records. Steps count optimizer steps; accuracies are fractions in ``[0, 1]``."""
+
+    eval_steps: list[int] = field(default_factory=list)
+    train_acc: list[float] = field(default_factory=list)
+    test_acc: list[float] = field(default_factory=list)
+    cos_steps: list[int] = field(default_factory=list)
+    cosine: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train(
+    model: nn.Module,
+    method: str | Estimator,
+    splits: DatasetSplits,
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    eval_every: int = 0,
+    cosine_every: int = 0,
+    attach_kwargs: dict[str, Any] | None = None,
+    on_measure: Callable[[int, nn.Module], None] | None = None,
+    progress: bool = True,
+    desc: str = "",
+) -> TrainLog:
+    """Train ``model`` for ``steps`` optimizer steps; record accuracies and the cosine of the step's gradient.
+
+    Args:
+        model: the model (trained in place).
+        method: a method name (``attach``-ed for the run with ``attach_kwargs`` and a guess seed derived from
+            ``seed``; ``backprop`` runs plain autograd), or an :data:`Estimator` that writes ``p.grad`` itself.
+        splits: the dataset; batches of ``batch_size`` shuffled with ``seed``.
+        optimizer: steps on the written ``p.grad``.
+        steps: number of optimizer steps.
+        batch_size: examples per step.
+        seed: data-order seed of the run (the guess seed is ``derive_seed(seed, 1)``).
+        eval_every: every that many steps (and at steps 0 and ``steps``) record train and test accuracy on the whole
+            splits; 0 = only at the end.
+        cosine_every: every that many steps, record the cosine between the gradient written this step and the
+            backprop gradient on the same batch (one extra backprop); 0 = never.
+        attach_kwargs: extra keyword arguments of :func:`~guess_optim.attach`.
+        on_measure: called as ``on_measure(step, model)`` wherever accuracies are recorded.
+        progress: show a tqdm bar.
+        desc: the bar's label.
+
+    Returns:
+        The :class:`TrainLog`.
+    """
+    from tqdm.auto import tqdm
+
+    log = TrainLog()
+    handle = None
+    if isinstance(method, str) and method != "backprop":
+        # A seed of its own: the guesses must not replay the data-order generator's stream.
+        handle = attach(model, method, seed=derive_seed(seed, 1), **(attach_kwargs or {}))
+
+    def measure(step: int) -> None:
+        log.eval_steps.append(step)
+        log.train_acc.append(accuracy(model, splits.train))
+        log.test_acc.append(accuracy(model, splits.test))
+        if on_measure is not None:
+            on_measure(step, model)
+
+    model.train()
+    data = batches(splits, batch_size, seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonFiniteEstimateWarning)
+            measure(0)
+            for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False):
+                batch = next(data)
+                optimizer.zero_grad(set_to_none=True)
+                if callable(method):
+                    loss = method(model, batch)
+                else:
+                    loss = cross_entropy(model(batch[0]), batch[1])
+                    loss.backward()
+                log.loss.append(float(loss.detach()))
+                if cosine_every and (step - 1) % cosine_every == 0:
+                    reference = backprop_gradient(model, batch, cross_entropy)
+                    log.cos_steps.append(step - 1)
+                    log.cosine.append(gradient_cosine(model, read_grads(model), reference).total)
+                optimizer.step()
+                if step == steps or (eval_every and step % eval_every == 0):
+                    measure(step)
+    finally:
+        if handle is not None:
+            log.skipped_steps = handle.skipped_steps
+            handle.remove()
+    return log
+
+
+def windowed_mean(steps: list[int], values: list[float], width: int) -> tuple[list[int], list[float]]:
+    """Means of ``values`` over consecutive windows of ``width`` steps; each labelled by its window's middle step."""
+    groups: dict[int, list[float]] = {}
+    for s, v in zip(steps, values, strict=True):
+        groups.setdefault(s // width, []).append(v)
+    return ([int(k * width + width // 2) for k in groups], [float(np.mean(v)) for v in groups.values()])
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0 for a single value) of finite values (NaN if none)."""
+    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if a.size == 0:
+        return math.nan, math.nan
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a result."""
+    import tqdm
+
+    return {"guess_optim": __version__, "torch": torch.__version__, "numpy": np.__version__, "tqdm": tqdm.__version__,
+            "python": sys.version.split()[0], "platform": platform.platform(),
+            "torch_threads": str(torch.get_num_threads())}
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None  # JSON has no NaN/inf: a diverged or undefined value
+    return x
+
+
+def finish(
+    name: str,
+    paper: str,
+    config: BaseConfig,
+    results: dict[str, Any],
+    started: float,
+    plot: Callable[[dict[str, Any]], Any],
+    out_dir: str | os.PathLike | None,
+) -> dict[str, Any]:
+    """Assemble an experiment's record; with ``out_dir``, write ``<name>.json`` and ``<name>.png`` there.
+
+    Returns:
+        ``{"experiment", "paper", "config", "results", "versions", "seconds"}`` (+ ``"files"`` when written). NaN and
+        infinities become ``None`` (JSON ``null``).
+    """
+    record = {
+        "experiment": name,
+        "paper": paper,
+        "config": _json_safe(dataclasses.asdict(config)),
+        "results": _json_safe(results),
+        "versions": versions(),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        fig = plot(record)
+        png = out / f"{name}.png"
+        fig.savefig(png, dpi=110, bbox_inches="tight")
+        record["files"] = [str(out / f"{name}.json"), str(png)]
+        (out / f"{name}.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    return record
+
+
+def figure(ncols: int, nrows: int = 1, *, size: tuple[float, float] = (4.2, 3.3)) -> tuple[Any, Any]:
+    """A matplotlib ``Figure`` (Agg, no pyplot state) and its axes as a 2-D array ``[nrows, ncols]``."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError('plots need matplotlib: pip install "guess-optim[plot]"') from err
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False))
+    return fig, axes
+
+
+METHOD_LABELS: dict[str, str] = {
+    "backprop": "Backprop (oracle)", "directional": "Directional", "activation": "Activation perturbation",
+    "mixing": "Mixing", "wt": "$W^T$", "downstream": "1-layer downstream", "self-sharpening": "Self-sharpening",
+}
+METHOD_COLORS: dict[str, str] = {
+    "backprop": "k", "directional": "tab:gray", "activation": "tab:brown", "mixing": "tab:green", "wt": "tab:blue",
+    "downstream": "tab:orange", "self-sharpening": "tab:purple",
+}

@@ -1,0 +1,171 @@
+"""The command line of the reproduction: ``python -m guess_optim.reproduce <experiment> [--flags] --out-dir DIR``.
+
+Each experiment's flags are generated from its config dataclass (one ``--flag`` per field, its help string from the
+field); the dataclass's ``__post_init__`` validates them, and an invalid value is reported by argparse (exit code 2)
+with the message naming the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .bias import BiasConfig, run_bias
+from .cosine import CosineConfig, run_cosine
+from .downstream import DownstreamDepthConfig, run_downstream_depth
+from .one_step import OneStepConfig, run_one_step
+from .sharpening import SelfSharpeningConfig, run_self_sharpening
+from .subspace import SubspaceConfig, run_subspace
+from .sweep import SweepConfig, run_sweep
+from .table1 import Table1Config, run_table1
+
+__all__ = ["EXPERIMENTS", "Experiment", "build_parser", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One sub-command: its config class, its run function and the paper item it reproduces."""
+
+    config: type
+    run: Callable[..., dict[str, Any]]
+    paper: str
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "cosine": Experiment(CosineConfig, run_cosine, "Fig. 1 left: cosine similarity along a backprop trajectory"),
+    "one-step": Experiment(OneStepConfig, run_one_step, "Fig. 1 right: one-step loss reduction relative to backprop"),
+    "table1": Experiment(Table1Config, run_table1, "Table 1 / Fig. 2: train and test accuracy of every method"),
+    "bias": Experiment(BiasConfig, run_bias, "Fig. 3: averaging guesses; matched-cosine oracle; momentum and bias"),
+    "self-sharpening": Experiment(SelfSharpeningConfig, run_self_sharpening,
+                                  "Fig. 4: W^T with singular values to a power; cosine and effective rank"),
+    "downstream-depth": Experiment(DownstreamDepthConfig, run_downstream_depth,
+                                   "Fig. 5: 1- vs 2-layer downstream guessing"),
+    "subspace": Experiment(SubspaceConfig, run_subspace,
+                           "Fig. 6/7, A.2: gradients vs activation-PCA and random subspaces"),
+    "sweep": Experiment(SweepConfig, run_sweep, "A.3, Fig. 8: learning rate x optimizer sweep"),
+}
+"""Sub-command name → :class:`Experiment`; ``<name>.json`` and ``<name>.png`` are what it writes."""
+
+
+def _scalar_parser(tp: Any) -> Callable[[str], Any]:
+    if tp is bool:
+        def parse_bool(s: str) -> bool:
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"invalid boolean {s!r}; expected true or false")
+        return parse_bool
+    if tp in (int, float, str):
+        return tp
+    if typing.get_origin(tp) is tuple:  # a pair inside a list, e.g. (depth, width) written "6x128"
+        inner = [_scalar_parser(a) for a in typing.get_args(tp)]
+
+        def parse_tuple(s: str) -> tuple:
+            parts = s.lower().split("x")
+            if len(parts) != len(inner):
+                raise argparse.ArgumentTypeError(f"invalid value {s!r}; expected {len(inner)} values joined by 'x'")
+            return tuple(p(x) for p, x in zip(inner, parts, strict=True))
+        return parse_tuple
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def _field_parser(tp: Any) -> tuple[Callable[[str], Any], bool]:
+    """(parser of the command-line string, whether the field is a comma-separated list)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # "X | None": "none" gives None
+        (inner,) = [a for a in args if a is not type(None)]
+        parse, is_list = _field_parser(inner)
+        return (lambda s: None if s.lower() == "none" else parse(s)), is_list
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = _scalar_parser(args[0])
+
+        def parse_list(s: str) -> tuple:
+            try:
+                return tuple(item(x.strip()) for x in s.split(",") if x.strip())
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(f"invalid list {s!r}: {err}") from None
+        return parse_list, True
+    return _scalar_parser(tp), False
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_ = f.metadata.get("help", "")
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{help_} (default: {default})")
+            continue
+        parse, is_list = _field_parser(hints[f.name])
+        shown = ",".join(_show(v) for v in default) if is_list else _show(default)
+        choices = f.metadata.get("choices")
+        extra = f"; one of {', '.join(choices)}" if choices and not is_list else ""
+        parser.add_argument(flag, type=parse, default=default, metavar=f.name.upper(),
+                            help=f"{help_}{' (comma-separated)' if is_list else ''}{extra} (default: {shown})")
+
+
+def _show(v: Any) -> str:
+    return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser: one sub-command per entry of :data:`EXPERIMENTS`, plus ``--out-dir``, ``--progress`` and
+    ``--threads``.
+
+    Args:
+        prog: the program name shown in usage and error messages (default: ``python -m guess_optim.reproduce``;
+            a CLI that embeds this one passes e.g. ``"guess-optim reproduce"``).
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m guess_optim.reproduce",
+        description="Reproduce the experiments of Singhal et al., 'How to Guess a Gradient' (arXiv 2312.04709). "
+                    "Each experiment writes <name>.json (numbers, config, versions, seconds) and <name>.png.",
+    )
+    sub = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    for name, exp in EXPERIMENTS.items():
+        p = sub.add_parser(name, help=exp.paper, description=f"{exp.paper}. {exp.run.__doc__.splitlines()[0]}")
+        p.add_argument("--out-dir", default="runs/reproduce", help="where to write the JSON and PNG "
+                       "(default: runs/reproduce)")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="show tqdm progress bars (default: True)")
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch intra-op threads (default: 1; these small MLPs gain little from more, and on a busy "
+                            "machine 2 threads ran ~3x slower than 1)")
+        _add_config_arguments(p, exp.config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the chosen experiment, print where its files went.
+
+    Args:
+        argv: the arguments after the program name, e.g. ``["cosine", "--width", "1024", "--out-dir", "out"]``.
+        prog: the program name for usage and error messages (see :func:`build_parser`).
+
+    Returns:
+        0 on success. Invalid flags exit with status 2 and a message (argparse).
+    """
+    parser = build_parser(prog)
+    ns = parser.parse_args(argv)
+    exp = EXPERIMENTS[ns.experiment]
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(exp.config)}
+    try:
+        config = exp.config(**values)
+    except ValueError as err:
+        parser.error(f"{ns.experiment}: {err}")
+    if ns.threads < 1:
+        parser.error(f"{ns.experiment}: Invalid threads: {ns.threads!r}; expected an int >= 1")
+    torch.set_num_threads(ns.threads)
+    record = exp.run(config, out_dir=ns.out_dir, progress=ns.progress)
+    print(f"{ns.experiment}: {record['seconds']:.1f} s; wrote {', '.join(record.get('files', []))}", file=sys.stdout)
+    return 0
