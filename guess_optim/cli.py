@@ -163,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         "arXiv 2312.04709).",
     )
     parser.add_argument("--version", action="version", version=f"guess_optim {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,cosine}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,cosine,reproduce,bench}")
     methods = "; ".join(f"{k}: {m.summary}" for k, m in METHODS.items())
+
+    for name, text in _DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
 
     t = sub.add_parser(
         "train",
@@ -388,12 +391,31 @@ def _cosine(args: argparse.Namespace) -> int:
     return 0
 
 
+_DELEGATED = {
+    "reproduce": "reproduce the paper's tables and figures (guess-optim reproduce --help)",
+    "bench": "time and memory of guessed steps against backprop (guess-optim bench --help)",
+}
+
+
+def _run_delegated(command: str, argv: list[str]) -> int:
+    if command == "reproduce":
+        from .reproduce import main as reproduce_main
+
+        return reproduce_main(argv, prog="guess-optim reproduce")
+    from .bench import main as bench_main
+
+    return bench_main(argv, prog="guess-optim bench")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``guess-optim`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
     Exit codes: 0 on success; 2 for bad flags (argparse) or a missing dataset (the message, with how to get it,
     goes to stderr, without a traceback); 130 on ``KeyboardInterrupt``.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:  # sub-commands with parsers of their own
+        return _run_delegated(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":

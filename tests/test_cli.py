@@ -171,3 +171,10 @@ def test_cosine_without_directional_has_no_ratio(tmp_path):
     assert main(["cosine", *TINY, "--methods", "wt,activation", "--steps", "2", "--every", "1", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["methods"] == ["wt", "activation"] and r["ratio_to_directional"] == {"wt": None, "activation": None}
+
+
+def test_reproduce_is_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: guess-optim reproduce" in capsys.readouterr().out
