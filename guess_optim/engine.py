@@ -726,6 +726,7 @@ class GuessHandle:
         for d in set(self._generators) - set(saved["generators"]):
             self._generators[d].manual_seed(self.seed)
         self._recompute = again
+        buffers = [b.detach().clone() for b in self.model.buffers()]  # the user's forward already updated them
         try:
             with _forked_rng(saved["rng"]), torch.no_grad():
                 if again.graph is None and needs_graph:
@@ -738,6 +739,9 @@ class GuessHandle:
             self._step = None
             for d, state in current.items():
                 self._generators[d].set_state(state)
+            with torch.no_grad():
+                for b, value in zip(self.model.buffers(), buffers, strict=True):
+                    b.copy_(value)
         step.grads = again.grads
 
     def _record_estimate(self, r: _Record, d: Tensor, grad_rep: Tensor, k: int) -> dict[str, Tensor]:

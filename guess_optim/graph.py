@@ -163,6 +163,7 @@ class _Tracer(TorchFunctionMode):
         if not followed:
             return func(*args, **kwargs)
         replay_func, replay_kwargs, inplace = _out_of_place(func, kwargs)
+        replay_args, replay_kwargs = _without_running_stat_updates(func, args, replay_kwargs)
         # Operands other than the followed tensor are captured by value; an in-place op would modify them.
         snapshot = {id(x): (x.detach().clone() if inplace else x.detach()) for x in leaves if isinstance(x, Tensor)}
         out = func(*args, **kwargs)
@@ -179,7 +180,7 @@ class _Tracer(TorchFunctionMode):
                     return snapshot[id(a)]
                 return a
 
-            slot_args, slot_kwargs = tree_map(template, (args, replay_kwargs))
+            slot_args, slot_kwargs = tree_map(template, (replay_args, replay_kwargs))
             for origin, chain in self.origins(t).items():
                 new = chain.extend(replay_func, slot_args, slot_kwargs, captured=captured)
                 if origin not in merged:
@@ -188,6 +189,33 @@ class _Tracer(TorchFunctionMode):
             if isinstance(o, Tensor):
                 self.track(o, merged)
         return out
+
+
+_STAT_UPDATERS = {  # func: (running_mean index, running_var index, flag index, flag name, flag default)
+    F.batch_norm: (1, 2, 5, "training", False),
+    F.instance_norm: (1, 2, 5, "use_input_stats", True),
+}
+
+
+def _without_running_stat_updates(func: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A replayed batch/instance norm that normalizes with the input's statistics must not update the running
+    statistics again (the forward the user sees already did): drop them from the replay, which changes nothing
+    else in its output."""
+    spec = _STAT_UPDATERS.get(func)
+    if spec is None:
+        return args, kwargs
+    mean_at, var_at, flag_at, flag_name, default = spec
+    flag = kwargs.get(flag_name, args[flag_at] if len(args) > flag_at else default)
+    if not flag:
+        return args, kwargs
+    args = list(args)
+    kwargs = dict(kwargs)
+    for at, name in ((mean_at, "running_mean"), (var_at, "running_var")):
+        if len(args) > at:
+            args[at] = None
+        elif name in kwargs:
+            kwargs[name] = None
+    return tuple(args), kwargs
 
 
 def _out_of_place(func: Callable, kwargs: dict) -> tuple[Callable, dict, bool]:
