@@ -404,7 +404,7 @@ def _run_delegated(command: str, argv: list[str]) -> int:
         return reproduce_main(argv, prog="guess-optim reproduce")
     from .bench import main as bench_main
 
-    return bench_main(argv, prog="guess-optim bench")
+    return bench_main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -693,8 +693,10 @@ class GuessHandle:
                 self._accumulate(step, r)
         out = [step.grads.get(id(p)) for p in payload["params"]]
         step.records, step.grads, step.saved = [], {}, None
-        checks = [torch.isfinite(d).all()] + [torch.isfinite(g).all() for g in out if g is not None]
-        finite = bool(torch.stack(checks).all())  # one device sync per step
+        norms = torch._foreach_norm([g for g in out if g is not None]) if any(g is not None for g in out) else []
+        # one device sync per step; a norm is finite exactly when every element is (barring float overflow of the
+        # norm itself, which would flag an estimate too large to use anyway)
+        finite = bool(torch.isfinite(torch.stack([d.sum(), *norms])).all())
         self.last_step_skipped = not finite
         if not finite and self.on_nonfinite == "propagate":
             self.skipped_steps += 1  # written as is, for a GradScaler to see the overflow and back off
@@ -752,10 +754,11 @@ class GuessHandle:
             s = r.output.detach().requires_grad_(True)
             with torch.enable_grad():
                 (g_s,) = torch.autograd.grad(r.exact.chain(s), s, grad_rep)
-            return {n: g / k for n, g in self._local_vjp(r, g_s).items()}
+            return self._local_vjp(r, g_s / k if k > 1 else g_s)
         u = r.guess
-        grad_out = u * d.reshape(-1, *([1] * (u.dim() - 1))).to(u.dtype)
-        return {n: g / k for n, g in self._local_vjp(r, grad_out).items()}
+        scale = d / k if k > 1 else d  # averaging the K guesses, folded into d_b (no weight-sized division)
+        grad_out = u * scale.reshape(-1, *([1] * (u.dim() - 1))).to(u.dtype)
+        return self._local_vjp(r, grad_out)
 
     def _local_vjp(self, r: _Record, grad_out: Tensor) -> dict[str, Tensor]:
         """``∂<grad_out, module(x)>/∂θ`` through the single module ``r.module`` (paper A.4's one-layer backward)."""
