@@ -367,8 +367,8 @@ class GuessHandle:
             if bn.training:
                 raise RuntimeError(
                     f"{type(bn).__name__} {self._names[bn]!r} is in training mode: it mixes the examples of a "
-                    "batch, which breaks the per-example directional derivatives of guessed gradients. Put it in "
-                    "eval mode (bn.eval()), freeze it, or use GroupNorm/LayerNorm instead."
+                    "batch, which breaks the per-example directional derivatives of guessed gradients (frozen or "
+                    "not). Put it in eval mode (bn.eval()) or use GroupNorm/LayerNorm instead."
                 )
         leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.dim() > 0]
         if not leaves:
@@ -730,7 +730,8 @@ class GuessHandle:
         self._recompute = again
         buffers = [b.detach().clone() for b in self.model.buffers()]  # the user's forward already updated them
         try:
-            with _forked_rng(saved["rng"]), torch.no_grad():
+            # the same attention kernel as the first forward, so attention dropout draws the same masks
+            with _forked_rng(saved["rng"]), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
                 if again.graph is None and needs_graph:
                     self._recompute = None
                     again.graph = self._graph_for(saved["args"], saved["kwargs"])

@@ -24,13 +24,15 @@ What is found for common blocks (see ``tests/test_graph.py``):
 * ResNet basic block ``conv1 → bn1 → relu → conv2 → bn2 → (+ identity) → relu``: ``conv1 → bn1``,
   ``bn1 → conv2`` through ``relu``, ``conv2 → bn2``, ``bn2 → <next block's conv1 and the next skip>`` through
   ``add, relu`` (the add captures the identity branch).
-* ViT/pre-LN transformer block: ``layernorm_before → query, key, value``; ``query → attention.output.dense``
-  through ``view, transpose, matmul (captures k), softmax, matmul (captures v), …``; ``output.dense →`` every
-  later ``LayerNorm`` along the residual stream through the residual adds.
+* Hugging Face ViT block (transformers 5.x names): ``layernorm_before → q_proj, k_proj, v_proj``;
+  ``q_proj → o_proj`` through ``view, transpose, scaled_dot_product_attention (captures k and v), …`` (``matmul,
+  softmax, matmul`` with eager attention); ``o_proj`` and ``fc2 →`` every later ``LayerNorm`` along the residual
+  stream through the residual adds.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,8 +57,22 @@ class GraphError(RuntimeError):
     """The model's graph does not allow what was asked (e.g. ``exact_head`` on a head that leaves no trace)."""
 
 
-def _fill(template: Any, x: Tensor) -> Any:
-    return tree_map(lambda a: x if a is _SLOT else a, template)
+@dataclass(frozen=True, eq=False)
+class _Sub:
+    """In an op's template: the value of ``chain`` applied to the origin (one of several paths from it)."""
+
+    chain: Chain
+
+
+def _fill(template: Any, x: Tensor, origin: Tensor) -> Any:
+    def fill(a):
+        if a is _SLOT:
+            return x
+        if isinstance(a, _Sub):
+            return a.chain(origin)
+        return a
+
+    return tree_map(fill, template)
 
 
 def _op_name(func: Callable) -> str:
@@ -87,9 +103,10 @@ class Chain:
     def __call__(self, x: Tensor) -> Tensor:
         """Replay the chain on ``x`` (same shape as at discovery), differentiably."""
         # In-place ops (ReLU(inplace=True)) must not modify the caller's tensor.
+        origin = x
         x = x.clone() if self.ops else x
         for func, args, kwargs in self.ops:
-            x = func(*_fill(args, x), **_fill(kwargs, x))
+            x = func(*_fill(args, x, origin), **_fill(kwargs, x, origin))
         return x
 
 
@@ -143,16 +160,28 @@ class _Tracer(TorchFunctionMode):
     def __init__(self, constants: set[int]):
         super().__init__()
         self.constants = constants  # ids of parameters and buffers
-        self.tracked: dict[int, tuple[Tensor, dict[nn.Module, Chain]]] = {}
+        # weak references: the traced forward's intermediate tensors die as they would in a plain forward
+        self.tracked: dict[int, tuple[weakref.ref, dict[nn.Module, Chain]]] = {}
         self.inside = 0
 
+    def _template(self, slots: dict[int, Any], snapshot: dict[int, Tensor]) -> Callable[[Any], Any]:
+        def template(a):
+            if isinstance(a, Tensor) and id(a) in slots:
+                return slots[id(a)]
+            if isinstance(a, Tensor) and id(a) not in self.constants:
+                return snapshot[id(a)]
+            return a
+
+        return template
+
     def origins(self, t: Any) -> dict[nn.Module, Chain]:
-        if isinstance(t, Tensor) and id(t) in self.tracked and self.tracked[id(t)][0] is t:
-            return self.tracked[id(t)][1]
+        entry = self.tracked.get(id(t)) if isinstance(t, Tensor) else None
+        if entry is not None and entry[0]() is t:
+            return entry[1]
         return {}
 
     def track(self, t: Tensor, origins: dict[nn.Module, Chain]) -> None:
-        self.tracked[id(t)] = (t, origins)
+        self.tracked[id(t)] = (weakref.ref(t), origins)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -168,23 +197,23 @@ class _Tracer(TorchFunctionMode):
         snapshot = {id(x): (x.detach().clone() if inplace else x.detach()) for x in leaves if isinstance(x, Tensor)}
         out = func(*args, **kwargs)
         merged: dict[nn.Module, Chain] = {}
-        for t in followed:
+        for origin in {o for t in followed for o in self.origins(t)}:
+            mine = [t for t in followed if origin in self.origins(t)]
             captured = any(
-                isinstance(x, Tensor) and x is not t and id(x) not in self.constants for x in leaves
+                isinstance(x, Tensor) and all(x is not t for t in mine) and id(x) not in self.constants
+                for x in leaves
             )
-
-            def template(a, t=t):
-                if a is t:
-                    return _SLOT
-                if isinstance(a, Tensor) and id(a) not in self.constants:
-                    return snapshot[id(a)]
-                return a
-
-            slot_args, slot_kwargs = tree_map(template, (replay_args, replay_kwargs))
-            for origin, chain in self.origins(t).items():
-                new = chain.extend(replay_func, slot_args, slot_kwargs, captured=captured)
-                if origin not in merged:
-                    merged[origin] = new
+            if len(mine) == 1:  # the common case: a chain of ops on one running value
+                t = mine[0]
+                template = self._template({id(t): _SLOT}, snapshot)
+                merged[origin] = self.origins(t)[origin].extend(
+                    replay_func, *tree_map(template, (replay_args, replay_kwargs)), captured=captured
+                )
+            else:  # several operands descend from the origin (h * sigmoid(h)): each one's chain is replayed
+                subs = {id(t): _Sub(self.origins(t)[origin]) for t in mine}
+                slot_args, slot_kwargs = tree_map(self._template(subs, snapshot), (replay_args, replay_kwargs))
+                volatile = captured or any(sub.chain.volatile for sub in subs.values())
+                merged[origin] = Chain(((replay_func, slot_args, slot_kwargs),), volatile)
         for o in tree_flatten(out)[0]:
             if isinstance(o, Tensor):
                 self.track(o, merged)
@@ -201,6 +230,12 @@ def _without_running_stat_updates(func: Callable, args: tuple, kwargs: dict) -> 
     """A replayed batch/instance norm that normalizes with the input's statistics must not update the running
     statistics again (the forward the user sees already did): drop them from the replay, which changes nothing
     else in its output."""
+    if func is F.scaled_dot_product_attention:  # its dropout is replayed as the identity, like F.dropout
+        if kwargs.get("dropout_p"):
+            kwargs = {**kwargs, "dropout_p": 0.0}
+        if len(args) > 4 and args[4]:
+            args = (*args[:4], 0.0, *args[5:])
+        return args, kwargs
     spec = _STAT_UPDATERS.get(func)
     if spec is None:
         return args, kwargs
