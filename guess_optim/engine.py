@@ -68,6 +68,11 @@ GUESS_POINT_TYPES: tuple[type[nn.Module], ...] = (
 """Module types that can hold trainable parameters under guessing. Each is linear in its parameters, so its
 weight-space JVP is the module evaluated with the tangents in place of the parameters."""
 
+# torch loads its forward-AD decompositions with torch.jit.script on the first make_dual, which warns on 2.14.
+warnings.filterwarnings(
+    "ignore", message=r".*torch\.jit\.script.*", category=FutureWarning, module=r"torch\._decomp\..*"
+)
+
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm, *_BATCHNORM)
 _NO_REPEAT_KWARGS = frozenset({"labels", "label", "targets"})
@@ -165,6 +170,12 @@ class _GuessedGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z):
         engine, payload = ctx.engine, ctx.payload
+        if payload is None:
+            raise RuntimeError(
+                "guess_optim: a second backward through the same guessing forward (retain_graph=True) is not "
+                "supported: its guesses were freed by the first backward. Sum the losses and call backward() "
+                "once, or run the forward again."
+            )
         ctx.payload = None  # free the batch's tensors as soon as the estimate is made
         grads = engine._estimate(payload, grad_z)
         return (None, None, None, *grads)
@@ -912,7 +923,8 @@ def attach(
     existing = getattr(model, _ATTR, None)
     if existing is not None:
         raise RuntimeError(
-            f"this model already has guessed gradients attached ({existing!r}); call handle.remove() first"
+            f"this model already has guessed gradients attached ({existing!r}); call handle.remove() first "
+            "(guess_optim.handle_of(model).remove() if you have no handle, e.g. on a deep copy)"
         )
     if head is not None and not any(head is mod for mod in model.modules()):
         raise ValueError("head must be a submodule of the model")

@@ -247,3 +247,28 @@ def test_remove_leaves_no_hook_no_dual_no_batch_reference():
     assert "forward" not in model.__dict__
     assert fwAD._current_level == -1
     assert re.search("GuessHandle", repr(h))
+
+
+def test_second_backward_through_one_forward_is_refused_clearly():
+    model = mlp()
+    with attach(model, "wt", seed=0):
+        loss = model(torch.randn(3, 4)).sum()
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match=r"second backward.*Sum the losses"):
+            loss.backward()
+
+
+def test_deep_copy_of_an_attached_model_can_be_detached():
+    import copy
+
+    from guess_optim import handle_of
+
+    model = mlp()
+    h = attach(model, "wt", seed=0)
+    clone = copy.deepcopy(model)
+    h.remove()
+    with pytest.raises(RuntimeError, match=r"handle_of\(model\)\.remove\(\)"):
+        attach(clone, "wt")
+    handle_of(clone).remove()
+    assert handle_of(clone) is None
+    attach(clone, "activation").remove()
