@@ -69,9 +69,7 @@ GUESS_POINT_TYPES: tuple[type[nn.Module], ...] = (
 weight-space JVP is the module evaluated with the tangents in place of the parameters."""
 
 # torch loads its forward-AD decompositions with torch.jit.script on the first make_dual, which warns on 2.14.
-warnings.filterwarnings(
-    "ignore", message=r".*torch\.jit\.script.*", category=FutureWarning, module=r"torch\._decomp\..*"
-)
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm, *_BATCHNORM)
