@@ -447,15 +447,15 @@ def test_training_lowers_the_loss(name, method, lr):
 # structured methods unstable (wt: 2.31 -> 2.50; mixing with eager attention: 2.31 -> 2.76) and 1e-3 trains them,
 # while directional needs 3e-3 there too. Measured (loss on 512 images, before -> after): see TRAIN_SLOW_XFAIL.
 def _slow_lr(name, method):
+    if name == "convnet" and method == "mixing":  # 2.36 -> 1.36 at 1e-2; flat at 1e-3 and 3e-3
+        return 1e-2
     return 1e-3 if name.startswith("vit") and method != "directional" else 3e-3
 
 
 TRAIN_SLOW_XFAIL = {
     ("resnet", "directional"): "directional descent does not train the ResNet block in 300 steps: 2.00 -> 2.33 at "
-                               "lr 3e-3, 2.00 -> 2.13 at lr 1e-3 (a weak baseline, paper Fig. 2)",
-    ("convnet", "mixing"): "activation mixing barely moves the ConvNet in 300 steps: 2.36 -> 2.30 at lr 3e-3, "
-                           "2.36 -> 2.36 at lr 1e-3 (cosine to the gradient at init 0.03: the conv layers' mixed "
-                           "guesses are nearly orthogonal to their gradients)",
+                               "lr 3e-3, 2.00 -> 2.13 at lr 1e-3, 2.00 -> 2.04 at 3e-4, 2.00 -> 2.02 at 1e-4 "
+                               "(a weak baseline, paper Fig. 2)",
 }
 
 
