@@ -118,6 +118,7 @@ class _Step:
     d: Tensor | None = None
     grad_rep: Tensor | None = None
     grads: dict[int, Tensor] = field(default_factory=dict)
+    linear_tangents: list[tuple[nn.Module, Tensor]] = field(default_factory=list)
 
     @property
     def recomputing(self) -> bool:
@@ -242,6 +243,7 @@ class GuessHandle:
         self._raw: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._forward: Any = None
         self._frozen_norms: list[nn.Module] = []
+        self._linears = [m for m in model.modules() if type(m) is nn.Linear]
         for m in model.modules():
             if isinstance(m, GUESS_POINT_TYPES):
                 if any(p.requires_grad for p in m.parameters(recurse=False)):
@@ -265,6 +267,10 @@ class GuessHandle:
     # ----------------------------------------------------------------------------------------------- lifecycle
     def _install(self) -> None:
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        for m in self._linears:
+            # prepended: the output's tangent must be in place before the guess-point hook reads it
+            self._hooks.append(m.register_forward_pre_hook(self._linear_strip_tangent))
+            self._hooks.append(m.register_forward_hook(self._linear_add_tangent, prepend=True))
         for m in self.guess_points:
             self._hooks.append(m.register_forward_hook(self._guess_point_hook))
         for m in self._frozen_norms:
@@ -508,6 +514,27 @@ class GuessHandle:
             primal = primal.contiguous()
         new_tangent = contribution if tangent is None else tangent + contribution
         return fwAD.make_dual(primal, new_tangent.to(primal.dtype))
+
+    def _linear_strip_tangent(self, module, args):
+        """Forward-mode AD through ``F.linear`` costs about twice a primal and a tangent matmul done apart (it
+        materializes the weight's zero tangent): run the primal here, and add ``ẋ Wᵀ`` in the forward hook."""
+        step = self._step
+        if step is None or step.closed or self._quiet or step.recomputing or not args:
+            return None
+        if not isinstance(args[0], Tensor):
+            return None
+        primal, tangent = fwAD.unpack_dual(args[0])
+        if tangent is None:
+            return None
+        step.linear_tangents.append((module, tangent))
+        return (primal, *args[1:])
+
+    def _linear_add_tangent(self, module, args, output):
+        step = self._step
+        if step is None or step.closed or not step.linear_tangents or step.linear_tangents[-1][0] is not module:
+            return None
+        _, tangent = step.linear_tangents.pop()
+        return fwAD.make_dual(output, torch.nn.functional.linear(tangent, module.weight).to(output.dtype))
 
     def _match_tangent_dtype(self, module, args, output):
         """Under CPU autocast, LayerNorm returns a bfloat16 value with a float32 tangent, which the next Linear
