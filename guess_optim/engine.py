@@ -608,8 +608,9 @@ class GuessHandle:
         (a Linear next module, whose forward is not needed for a VJP).
         """
         out, lifts = [], []
+        memo: dict[int, Tensor] = {}  # the edges' chains share their prefixes (a residual stream)
         for edge in graph.next_edges(module):
-            x = edge.chain(s)
+            x = edge.chain(s, memo)
             if target == "post":
                 out.append(x)
                 lifts.append(None)

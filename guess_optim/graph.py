@@ -64,12 +64,12 @@ class _Sub:
     chain: Chain
 
 
-def _fill(template: Any, x: Tensor, origin: Tensor) -> Any:
+def _fill(template: Any, x: Tensor, origin: Tensor, memo: dict[int, Tensor]) -> Any:
     def fill(a):
         if a is _SLOT:
             return x
         if isinstance(a, _Sub):
-            return a.chain(origin)
+            return a.chain(origin, memo)
         return a
 
     return tree_map(fill, template)
@@ -100,14 +100,23 @@ class Chain:
             return self
         return Chain((*self.ops, (func, args, kwargs)), self.volatile or captured)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """Replay the chain on ``x`` (same shape as at discovery), differentiably."""
-        # In-place ops (ReLU(inplace=True)) must not modify the caller's tensor.
+    def __call__(self, x: Tensor, memo: dict[int, Tensor] | None = None) -> Tensor:
+        """Replay the chain on ``x`` (same shape as at discovery), differentiably.
+
+        ``memo`` caches the value of every sub-chain met on the way (keyed by chain identity), so a graph whose
+        paths from the origin split and merge many times (a residual stream) is evaluated once per node, not once
+        per path.
+        """
+        memo = {} if memo is None else memo
+        if id(self) in memo:
+            return memo[id(self)]
         origin = x
-        x = x.clone() if self.ops else x
+        # In-place ops (ReLU(inplace=True)) must not modify the caller's tensor.
+        out = x.clone() if self.ops else x
         for func, args, kwargs in self.ops:
-            x = func(*_fill(args, x, origin), **_fill(kwargs, x, origin))
-        return x
+            out = func(*_fill(args, out, origin, memo), **_fill(kwargs, out, origin, memo))
+        memo[id(self)] = out
+        return out
 
 
 @dataclass(frozen=True)
