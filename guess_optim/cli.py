@@ -421,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         if args.resume and not args.checkpoint_dir:
             parser.error("--resume needs --checkpoint-dir DIR (the directory that holds last.pt)")
+        if args.method == "backprop" and (args.num_guesses != 1 or args.exact_head):
+            parser.error("--num-guesses and --exact-head apply to guessed methods, not --method backprop")
         if args.momentum and args.optimizer != "sgd":
             parser.error(f"--momentum applies to --optimizer sgd only, not {args.optimizer!r}")
     if args.out:  # fail now, not after training, if the results cannot be written there

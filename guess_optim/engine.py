@@ -921,6 +921,11 @@ def attach(
         raise ValueError(f"Invalid num_guesses: {num_guesses!r}; expected an int >= 1")
     if isinstance(downstream_layers, bool) or not isinstance(downstream_layers, int) or downstream_layers < 1:
         raise ValueError(f"Invalid downstream_layers: {downstream_layers!r}; expected an int >= 1")
+    if m.space == "backprop" and (num_guesses != 1 or exact_head or store != "activations"):
+        raise ValueError(
+            "num_guesses, exact_head and store apply to guessed methods; method='backprop' computes the exact "
+            "gradient (leave them at their defaults)"
+        )
     if distribution is None:
         distribution = m.distribution
     if distribution not in ("normal", "uniform", "symmetric-uniform"):

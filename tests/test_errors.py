@@ -78,6 +78,8 @@ BAD_ATTACH = [
     ("bad on_nonfinite", lambda: attach(mlp(), "wt", on_nonfinite="ignore"), ValueError, r"on_nonfinite"),
     ("wt_power nan", lambda: attach(mlp(), "wt", wt_power=float("nan")), ValueError, r"wt_power"),
     ("wt_power other method", lambda: attach(mlp(), "mixing", wt_power=2.0), ValueError, r"wt_power"),
+    ("backprop with num_guesses", lambda: attach(mlp(), "backprop", num_guesses=3), ValueError,
+     r"apply to guessed methods"),
     ("not a module", lambda: attach(lambda x: x, "wt"), TypeError, r"expects an nn.Module"),
     ("no trainable parameters", lambda: attach(frozen(), "wt"), ValueError, r"no trainable parameters"),
     ("unsupported layer", lambda: attach(nn.Sequential(nn.LSTM(4, 4)), "wt"), ValueError,
