@@ -38,10 +38,10 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
-import sys
 import time
 from typing import Any
+
+from guess_optim.bench import _maxrss_bytes, _reset_peak_rss, _rss_kib
 
 __all__ = ["CONFIGS", "main", "measure", "run_isolated", "table"]
 
@@ -53,32 +53,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 """Configuration name → what it changes in :func:`guess_optim.attach` (the method comes from ``--method``)."""
 
 _MIB = 2**20
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak RSS (``VmHWM``) of this process; False where that is not supported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_kib("VmHWM") is not None
-
-
-def _maxrss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
 
 
 def _build(args: dict[str, Any]):
@@ -142,7 +116,7 @@ def measure(config: str, args: dict[str, Any]) -> dict[str, Any]:
             base = torch.cuda.memory_allocated(device)
         elif hwm:
             _reset_peak_rss()
-            base = _status_kib("VmRSS") * 1024
+            base = _rss_kib("VmRSS") * 1024
         else:
             base = _maxrss_bytes()
         start = time.perf_counter()
@@ -151,7 +125,7 @@ def measure(config: str, args: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             peak = torch.cuda.max_memory_allocated(device)
         elif hwm:
-            peak = _status_kib("VmHWM") * 1024
+            peak = _rss_kib("VmHWM") * 1024
         else:
             peak = _maxrss_bytes()
         return int(peak - base), elapsed

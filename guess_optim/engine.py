@@ -119,6 +119,7 @@ class _Step:
     grad_rep: Tensor | None = None
     grads: dict[int, Tensor] = field(default_factory=dict)
     linear_tangents: list[tuple[nn.Module, Tensor]] = field(default_factory=list)
+    saved: dict[str, Any] | None = None  # store="recompute": input batch, RNG and generator states
 
     @property
     def recomputing(self) -> bool:
@@ -418,8 +419,7 @@ class GuessHandle:
                 "generators": {d: g.get_state() for d, g in self._generators.items()},
             }
         level = fwAD.enter_dual_level()
-        step = _Step(level=level, grad_was_enabled=torch.is_grad_enabled(), graph=graph, batch=batch)
-        step.saved = saved
+        step = _Step(level=level, grad_was_enabled=torch.is_grad_enabled(), graph=graph, batch=batch, saved=saved)
         self._step = step
         torch.set_grad_enabled(False)
         try:
