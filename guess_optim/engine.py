@@ -31,6 +31,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .graph import BOUNDARY, Edge, Graph, GraphError, discover
@@ -120,6 +121,7 @@ class _Step:
     grads: dict[int, Tensor] = field(default_factory=dict)
     linear_tangents: list[tuple[nn.Module, Tensor]] = field(default_factory=list)
     saved: dict[str, Any] | None = None  # store="recompute": input batch, RNG and generator states
+    trainable: frozenset[int] = frozenset()  # ids of the parameters that require grad outside the forward
 
     @property
     def recomputing(self) -> bool:
@@ -156,6 +158,32 @@ def _primal(x: Any) -> Any:
     if isinstance(x, Tensor):
         return fwAD.unpack_dual(x).primal
     return x
+
+
+class _NoGradRegions(TorchFunctionMode):
+    """Backprop treats what a model computes under ``torch.no_grad()`` as a constant; forward-mode AD does not
+    (tangents ignore grad mode). Under this mode, an op run with grad disabled sees only its inputs' primals, so its
+    outputs carry no tangent, as backprop's carry no gradient. The guessing forward runs with grad enabled (and the
+    parameters briefly not requiring grad, so no reverse graph is recorded) for the user's regions to be visible."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():
+            args, kwargs = tree_map(_primal, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _parameters_frozen(params: list[nn.Parameter]):
+    """Grad enabled (the user's ``no_grad`` regions stay visible), but no reverse graph through ``params``."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class _GuessedGradient(torch.autograd.Function):
@@ -324,6 +352,14 @@ class GuessHandle:
         finally:
             self._captured = None
 
+    @property
+    def in_internal_forward(self) -> bool:
+        """``True`` while the engine runs a forward of its own (graph discovery; the second forward of
+        ``store="recompute"``, run from ``backward()``). Like the step's forward, these run with grad enabled (so the
+        model's ``no_grad`` regions are seen); a forward hook that records or counts the user's training forwards
+        should skip them."""
+        return bool(self._quiet) or self._recompute is not None
+
     def paused(self) -> _Paused:
         """Context manager under which forwards run the plain model and ``backward()`` computes exact gradients."""
         return _Paused(self)
@@ -418,14 +454,17 @@ class GuessHandle:
                 "rng": _rng_state(leaves[0].device),
                 "generators": {d: g.get_state() for d, g in self._generators.items()},
             }
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         level = fwAD.enter_dual_level()
-        step = _Step(level=level, grad_was_enabled=torch.is_grad_enabled(), graph=graph, batch=batch, saved=saved)
+        step = _Step(level=level, grad_was_enabled=torch.is_grad_enabled(), graph=graph, batch=batch, saved=saved,
+                     trainable=frozenset(map(id, trainable)))
         self._step = step
-        torch.set_grad_enabled(False)
         try:
-            kernel = sdpa_kernel([SDPBackend.MATH])  # fused attention kernels have no forward-AD formula
-            kernel.__enter__()
-            step.contexts.append(kernel)
+            # No reverse graph, yet grad mode stays on so that the model's own no_grad regions are seen; fused
+            # attention kernels have no forward-AD formula.
+            for ctx in (_parameters_frozen(trainable), _NoGradRegions(), sdpa_kernel([SDPBackend.MATH])):
+                ctx.__enter__()
+                step.contexts.append(ctx)
             self._draw_raw_tangents(step)
         except BaseException:
             self._close_step()
@@ -456,9 +495,10 @@ class GuessHandle:
         buffers = [b.detach().clone() for b in self.model.buffers()]
         devices = sorted({t.device.index or 0 for t in tree_flatten((args, kwargs))[0]
                           if isinstance(t, Tensor) and t.device.type == "cuda"})
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._quiet += 1
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with torch.random.fork_rng(devices=devices), _parameters_frozen(trainable):
                 graph = discover(self.model, lambda: self.model(*args, **kwargs), self._modules, self.head)
         finally:
             self._quiet -= 1
@@ -473,12 +513,12 @@ class GuessHandle:
 
     def _guess_point_hook(self, module, args, output):
         step = self._step
-        if step is None or step.closed or self._quiet:
-            return None
+        if step is None or step.closed or self._quiet or not torch.is_grad_enabled():
+            return None  # under the model's own no_grad, a module gets no gradient in backprop either
         if not isinstance(output, Tensor):
             raise TypeError(f"guess point {self._names[module]!r} returned {type(output).__name__}, not a Tensor")
         primal, tangent = fwAD.unpack_dual(output)
-        params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        params = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in step.trainable}
         record = _Record(module, params, tuple(_primal(a) for a in args))
         graph = step.graph
         contribution = None
@@ -519,7 +559,7 @@ class GuessHandle:
         """Forward-mode AD through ``F.linear`` costs about twice a primal and a tangent matmul done apart (it
         materializes the weight's zero tangent): run the primal here, and add ``ẋ Wᵀ`` in the forward hook."""
         step = self._step
-        if step is None or step.closed or self._quiet or step.recomputing or not args:
+        if step is None or step.closed or self._quiet or step.recomputing or not args or not torch.is_grad_enabled():
             return None
         if not isinstance(args[0], Tensor):
             return None
@@ -756,7 +796,8 @@ class GuessHandle:
         """``store="recompute"``: run the forward again with the step's generator and RNG states; each guess point
         regenerates its input and guess and adds its estimate at once, so no activation outlives its layer."""
         saved = step.saved
-        again = _Step(level=None, grad_was_enabled=False, graph=step.graph, batch=step.batch)
+        again = _Step(level=None, grad_was_enabled=False, graph=step.graph, batch=step.batch, trainable=step.trainable)
+        trainable = [p for p in self.model.parameters() if id(p) in step.trainable]
         needs_graph = self.method.target is not None or self.exact_head
         again.d, again.grad_rep = step.d, step.grad_rep
         current = {d: g.get_state() for d, g in self._generators.items()}
@@ -768,7 +809,7 @@ class GuessHandle:
         buffers = [b.detach().clone() for b in self.model.buffers()]  # the user's forward already updated them
         try:
             # the same attention kernel as the first forward, so attention dropout draws the same masks
-            with _forked_rng(saved["rng"]), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+            with _forked_rng(saved["rng"]), _parameters_frozen(trainable), sdpa_kernel([SDPBackend.MATH]):
                 if again.graph is None and needs_graph:
                     self._recompute = None
                     again.graph = self._graph_for(saved["args"], saved["kwargs"])

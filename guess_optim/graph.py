@@ -194,7 +194,7 @@ class _Tracer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.inside:
+        if self.inside or not torch.is_grad_enabled():  # the model's own no_grad regions are constants
             return func(*args, **kwargs)
         leaves, _ = tree_flatten((args, kwargs))
         followed = [t for t in leaves if self.origins(t)]
@@ -309,7 +309,7 @@ def discover(
 
     def pre(module, args, kwargs):
         if module in tracked:
-            for t in tree_flatten((args, kwargs))[0]:
+            for t in tree_flatten((args, kwargs))[0] if torch.is_grad_enabled() else ():
                 for origin, chain in tracer.origins(t).items():
                     graph.edges.setdefault(origin, []).append(Edge(module, chain))
             tracer.inside += 1
@@ -318,7 +318,7 @@ def discover(
         if module in tracked:
             tracer.inside -= 1
             graph.edges.setdefault(module, [])
-            if isinstance(output, Tensor):
+            if isinstance(output, Tensor) and torch.is_grad_enabled():
                 tracer.track(output, {module: Chain()})
         if module is boundary:
             for t in tree_flatten(output)[0]:

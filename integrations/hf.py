@@ -284,7 +284,7 @@ class GuessedGradientCallback(TrainerCallback):
     def _record(self, module, args, kwargs):
         """Forward pre-hook (runs before the engine's): keep a measured step's micro-batch inputs and RNG state."""
         if (not self._measure or self._replaying or not module.training or not torch.is_grad_enabled()
-                or torch.is_inference_mode_enabled()):
+                or torch.is_inference_mode_enabled() or (self.handle is not None and self.handle.in_internal_forward)):
             return None
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
         self._records.append((args, dict(kwargs), _rng_state(tensors)))

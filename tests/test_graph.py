@@ -277,16 +277,17 @@ def _formula(model, x, y, captured):
     return out
 
 
-def _check_no_grad_model(stat_of_input):
+def _check_no_grad_model(stat_of_input, method="activation", store="activations"):
     torch.manual_seed(0)
     model = NoGradStat(stat_of_input).double()
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
-    with attach(model, "activation", seed=0) as h, h.capture() as cap:
+    with attach(model, method, seed=0, store=store) as h, h.capture() as cap:
         out = model(x)
         assert torch.is_grad_enabled()
+        assert all(p.requires_grad for p in model.parameters())  # restored at the end of the guessing forward
         assert "GuessedGradient" in type(out.grad_fn).__name__
         F.cross_entropy(out, y).backward()
-    expected = _formula(model, x, y, cap)
+    expected = _formula(model, x, y, cap[:2])  # recompute captures the same guesses again in its second forward
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-10, atol=1e-12, msg=n)
 
@@ -297,14 +298,62 @@ def test_no_grad_region_on_the_input_runs_and_restores_grad_mode():
     _check_no_grad_model(stat_of_input=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "engine bug: forward-AD tangents flow through a no_grad region inside the model's forward (the engine runs the "
-    "whole forward under no_grad, so it cannot see the user's), so d_b includes the path that backprop treats as a "
-    "constant"))
-def test_no_grad_region_on_an_activation_is_a_constant_as_in_backprop():
+@pytest.mark.parametrize("method,store", [("activation", "activations"), ("activation", "recompute"),
+                                          ("wt", "activations"), ("downstream", "recompute")])
+def test_no_grad_region_on_an_activation_is_a_constant_as_in_backprop(method, store):
     """A statistic of a hidden activation computed under ``no_grad``: backprop treats it as a constant, so must the
-    guessed gradient (it does when the statistic is ``.detach()``-ed)."""
-    _check_no_grad_model(stat_of_input=False)
+    guessed gradient (tangents are dropped inside the region, and the graph does not follow it)."""
+    _check_no_grad_model(stat_of_input=False, method=method, store=store)
+
+
+class NoGradGate(nn.Module):
+    """A gate computed by a parametrized module under ``no_grad``: backprop gives ``gate`` no gradient (``None``) and
+    treats its output as a constant factor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.gate, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        with torch.no_grad():
+            g = torch.sigmoid(self.gate(h))
+        return self.fc2(torch.tanh(h) * g)
+
+
+@pytest.mark.parametrize("method,store", [("activation", "activations"), ("wt", "activations"), ("wt", "recompute")])
+def test_a_module_called_under_no_grad_gets_no_estimate(method, store):
+    torch.manual_seed(0)
+    model = NoGradGate().double()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(x), y).backward()
+    assert ref.gate.weight.grad is None
+    with attach(model, method, seed=0, store=store) as h, h.capture() as cap:
+        F.cross_entropy(model(x), y).backward()
+        if method == "wt":
+            graph = h._graph_for((x,), {})
+            assert [e.consumer for e in graph.next_edges(model.fc1)] == [model.fc2]
+    assert [c["module"] for c in cap[:2]] == ["fc1", "fc2"]
+    assert model.gate.weight.grad is None and model.gate.bias.grad is None
+    saved = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        saved.append((args[0].detach(), out))
+
+    hooks = [m.register_forward_hook(keep) for m in (ref.fc1, ref.fc2)]
+    ref.zero_grad()
+    F.cross_entropy(ref(x), y).backward()
+    for hk in hooks:
+        hk.remove()
+    us = [c["guess"] for c in cap[:2]]
+    d = sum((o.grad * u).sum(1) for (_, o), u in zip(saved, us, strict=True))
+    for name, (inp, _), u in zip(("fc1", "fc2"), saved, us, strict=True):
+        go = d[:, None] * u
+        mod = getattr(model, name)
+        torch.testing.assert_close(mod.weight.grad, go.T @ inp, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(mod.bias.grad, go.sum(0), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["resnet", "vit"])

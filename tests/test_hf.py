@@ -95,17 +95,34 @@ class Spy(TrainerCallback):
 
 
 def record_inputs(model, calls, *, corrupt_call=None):
-    """Forward pre-hook keeping each training forward's kwargs (optionally NaN-ing one call's pixels)."""
+    """Forward pre-hook keeping each training forward's kwargs (optionally NaN-ing one call's pixels). Nested calls
+    (the engine's graph-discovery forward runs inside the step's forward) are not recorded."""
+    depth = [0]
 
     def hook(module, args, kwargs):
-        if not (module.training and torch.is_grad_enabled()):
+        depth[0] += 1
+        if depth[0] > 1 or not (module.training and torch.is_grad_enabled()):
             return None
         calls.append({k: v.clone() for k, v in kwargs.items()})
         if corrupt_call is not None and len(calls) - 1 == corrupt_call:
             return args, {**kwargs, "pixel_values": torch.full_like(kwargs["pixel_values"], float("nan"))}
         return None
 
-    return model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    def leave(module, args, output):
+        depth[0] -= 1
+
+    pre = model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    post = model.register_forward_hook(leave, always_call=True)
+    return _BothHooks(pre, post)
+
+
+class _BothHooks:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 @pytest.fixture(scope="module")
