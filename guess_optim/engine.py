@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -119,7 +120,7 @@ class _Step:
     d: Tensor | None = None
     grad_rep: Tensor | None = None
     grads: dict[int, Tensor] = field(default_factory=dict)
-    linear_tangents: list[tuple[nn.Module, Tensor]] = field(default_factory=list)
+    input_tangents: list[tuple[nn.Module, Tensor]] = field(default_factory=list)
     saved: dict[str, Any] | None = None  # store="recompute": input batch, RNG and generator states
     trainable: frozenset[int] = frozenset()  # ids of the parameters that require grad outside the forward
 
@@ -272,7 +273,9 @@ class GuessHandle:
         self._raw: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._forward: Any = None
         self._frozen_norms: list[nn.Module] = []
-        self._linears = [m for m in model.modules() if type(m) is nn.Linear]
+        # Modules whose tangent is carried by a separate product (exact types: a subclass may change forward).
+        self._product_modules = [m for m in model.modules() if type(m) is nn.Linear or (
+            type(m) in (nn.Conv1d, nn.Conv2d) and m.padding_mode == "zeros")]
         for m in model.modules():
             if isinstance(m, GUESS_POINT_TYPES):
                 if any(p.requires_grad for p in m.parameters(recurse=False)):
@@ -296,10 +299,10 @@ class GuessHandle:
     # ----------------------------------------------------------------------------------------------- lifecycle
     def _install(self) -> None:
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-        for m in self._linears:
+        for m in self._product_modules:
             # prepended: the output's tangent must be in place before the guess-point hook reads it
-            self._hooks.append(m.register_forward_pre_hook(self._linear_strip_tangent))
-            self._hooks.append(m.register_forward_hook(self._linear_add_tangent, prepend=True))
+            self._hooks.append(m.register_forward_pre_hook(self._strip_input_tangent))
+            self._hooks.append(m.register_forward_hook(self._add_output_tangent, prepend=True))
         for m in self.guess_points:
             self._hooks.append(m.register_forward_hook(self._guess_point_hook))
         for m in self._frozen_norms:
@@ -499,7 +502,9 @@ class GuessHandle:
         self._quiet += 1
         try:
             with torch.random.fork_rng(devices=devices), _parameters_frozen(trainable):
-                graph = discover(self.model, lambda: self.model(*args, **kwargs), self._modules, self.head)
+                # downstream guesses walk on from the next modules' own edges; the others need the guess points'
+                sources = None if self.method.target == "downstream" else self.guess_points
+                graph = discover(self.model, lambda: self.model(*args, **kwargs), self._modules, self.head, sources)
         finally:
             self._quiet -= 1
             with torch.no_grad():
@@ -555,9 +560,10 @@ class GuessHandle:
         new_tangent = contribution if tangent is None else tangent + contribution
         return fwAD.make_dual(primal, new_tangent.to(primal.dtype))
 
-    def _linear_strip_tangent(self, module, args):
+    def _strip_input_tangent(self, module, args):
         """Forward-mode AD through ``F.linear`` costs about twice a primal and a tangent matmul done apart (it
-        materializes the weight's zero tangent): run the primal here, and add ``ẋ Wᵀ`` in the forward hook."""
+        materializes the weight's zero tangent), and through a convolution about 1.3 times: run the primal here, and
+        add the tangent ``ẋ Wᵀ`` (``conv(ẋ, W)``, no bias) in the forward hook."""
         step = self._step
         if step is None or step.closed or self._quiet or step.recomputing or not args or not torch.is_grad_enabled():
             return None
@@ -566,15 +572,21 @@ class GuessHandle:
         primal, tangent = fwAD.unpack_dual(args[0])
         if tangent is None:
             return None
-        step.linear_tangents.append((module, tangent))
+        step.input_tangents.append((module, tangent))
         return (primal, *args[1:])
 
-    def _linear_add_tangent(self, module, args, output):
+    def _add_output_tangent(self, module, args, output):
         step = self._step
-        if step is None or step.closed or not step.linear_tangents or step.linear_tangents[-1][0] is not module:
+        if step is None or step.closed or not step.input_tangents or step.input_tangents[-1][0] is not module:
             return None
-        _, tangent = step.linear_tangents.pop()
-        return fwAD.make_dual(output, torch.nn.functional.linear(tangent, module.weight).to(output.dtype))
+        _, tangent = step.input_tangents.pop()
+        if type(module) is nn.Linear:
+            out_tangent = F.linear(tangent, module.weight)
+        else:
+            conv = F.conv1d if type(module) is nn.Conv1d else F.conv2d
+            out_tangent = conv(tangent, module.weight, None, module.stride, module.padding, module.dilation,
+                               module.groups)
+        return fwAD.make_dual(output, out_tangent.to(output.dtype))
 
     def _match_tangent_dtype(self, module, args, output):
         """Under CPU autocast, LayerNorm returns a bfloat16 value with a float32 tangent, which the next Linear
@@ -630,9 +642,19 @@ class GuessHandle:
                    for o, w in zip(outputs, lifts, strict=True)]
 
         def pullback(cotangents):
-            cotangents = [c if w is None else c @ w for c, w in zip(cotangents, lifts, strict=True)]
+            # One summed cotangent per distinct replayed tensor (q, k and v read one LayerNorm output), built as the
+            # cotangents are drawn: a prompt's next modules are every layer's projections, whose ε would not fit.
+            summed: dict[int, list] = {}
+            for o, w, c in zip(outputs, lifts, cotangents, strict=True):
+                c = c if w is None else c @ w
+                entry = summed.get(id(o))
+                if entry is None:
+                    summed[id(o)] = [o, c]
+                else:
+                    entry[1] = entry[1] + c
             with torch.enable_grad():
-                (g,) = torch.autograd.grad(outputs, leaf, cotangents, allow_unused=True)
+                (g,) = torch.autograd.grad([o for o, _ in summed.values()], leaf, [c for _, c in summed.values()],
+                                           allow_unused=True)
             return torch.zeros_like(primal) if g is None else g
 
         if self.method.name == "mixing":

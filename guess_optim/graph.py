@@ -283,6 +283,7 @@ def discover(
     run_forward: Callable[[], Any],
     modules: Iterable[nn.Module],
     boundary: nn.Module,
+    sources: Iterable[nn.Module] | None = None,
 ) -> Graph:
     """Run ``run_forward()`` once under a tracer and return the edges between ``modules``.
 
@@ -294,6 +295,9 @@ def discover(
         run_forward: calls the model's forward on the real inputs, with guessing disabled.
         modules: the parametrized modules to track (guess points and possible next modules).
         boundary: the module whose output leaves the guessing region (the root, or the chosen head).
+        sources: the modules whose outputs are followed (default: all of ``modules``). Only they get edges; the
+            outputs of the others are operands like any activation. Following fewer modules keeps fewer
+            activations captured (a frozen backbone's layers need no edges when only prompts are guessed).
 
     Returns:
         The :class:`Graph`.
@@ -306,6 +310,7 @@ def discover(
         graph.names.setdefault(model, "<root>")
     graph.names[model] = graph.names.get(model) or "<root>"
     tracked = set(modules)
+    followed = tracked if sources is None else set(sources)
 
     def pre(module, args, kwargs):
         if module in tracked:
@@ -318,7 +323,7 @@ def discover(
         if module in tracked:
             tracer.inside -= 1
             graph.edges.setdefault(module, [])
-            if isinstance(output, Tensor) and torch.is_grad_enabled():
+            if isinstance(output, Tensor) and torch.is_grad_enabled() and module in followed:
                 tracer.track(output, {module: Chain()})
         if module is boundary:
             for t in tree_flatten(output)[0]:

@@ -26,7 +26,7 @@ an isotropic guess to a fixed norm keeps it exactly unbiased (``E[u u^T] = I`` o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,9 +47,11 @@ __all__ = [
     "wt_guess",
 ]
 
-Pullback = Callable[[Sequence[Tensor]], Tensor]
-"""Maps cotangents of the targets (one per target, each of its target's shape) to a tensor of the guess point's
-output shape: the vector-Jacobian product through the ops between the guess point and the targets."""
+Pullback = Callable[[Iterable[Tensor]], Tensor]
+"""Maps cotangents of the targets (one per target, each of its target's shape, in the targets' order) to a tensor of
+the guess point's output shape: the vector-Jacobian product through the ops between the guess point and the targets.
+The cotangents may come as a lazy iterable, drawn one at a time: a pullback that consumes them in order keeps only one
+alive (a prompt token's next modules are every layer's projections)."""
 
 Distribution = Literal["normal", "uniform", "symmetric-uniform"]
 
@@ -138,7 +140,7 @@ def wt_guess(targets: Sequence[Tensor], pullback: Pullback, generator: torch.Gen
     Returns:
         The guess, ``[N, *S]``, rows normalized.
     """
-    return normalize_rows(pullback([random_cotangent(t, generator) for t in targets]))
+    return normalize_rows(pullback(random_cotangent(t, generator) for t in targets))
 
 
 def downstream_guess(
@@ -159,7 +161,7 @@ def downstream_guess(
     Returns:
         The guess, ``[N, *S]``, rows normalized.
     """
-    return normalize_rows(pullback([random_cotangent(t, generator, distribution) for t in targets]))
+    return normalize_rows(pullback(random_cotangent(t, generator, distribution) for t in targets))
 
 
 def directional_guess(param: Tensor, generator: torch.Generator) -> Tensor:
