@@ -123,6 +123,7 @@ class _Step:
     input_tangents: list[tuple[nn.Module, Tensor]] = field(default_factory=list)
     saved: dict[str, Any] | None = None  # store="recompute": input batch, RNG and generator states
     trainable: frozenset[int] = frozenset()  # ids of the parameters that require grad outside the forward
+    graph_uses: dict[nn.Module, int] | None = None  # a volatile graph's remaining readers; released at zero
 
     @property
     def recomputing(self) -> bool:
@@ -346,8 +347,9 @@ class GuessHandle:
         """Record the guesses drawn inside the block, for inspection and tests.
 
         Yields a list that receives one dict per guess-point call: ``module`` (qualified name), ``guess``
-        (activation space: ``u``, ``[N, *S]``, else ``None``) and ``tangents`` (weight space: one
-        ``{param name: V}`` per guess, else ``None``).
+        (activation space: ``u``, ``[N, *S]``, else ``None``), ``tangents`` (weight space: one
+        ``{param name: V}`` per guess, else ``None``) and ``next_modules`` (names of the next modules a structured
+        guess was pulled back from, one per edge; empty for an isotropic guess).
         """
         self._captured = []
         try:
@@ -460,7 +462,7 @@ class GuessHandle:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         level = fwAD.enter_dual_level()
         step = _Step(level=level, grad_was_enabled=torch.is_grad_enabled(), graph=graph, batch=batch, saved=saved,
-                     trainable=frozenset(map(id, trainable)))
+                     trainable=frozenset(map(id, trainable)), graph_uses=self._graph_uses(graph))
         self._step = step
         try:
             # No reverse graph, yet grad mode stays on so that the model's own no_grad regions are seen; fused
@@ -516,6 +518,14 @@ class GuessHandle:
             self._graphs[key] = graph
         return graph
 
+    def _graph_uses(self, graph: Graph | None) -> dict[nn.Module, int] | None:
+        """For a volatile graph: how many guess-point calls will read it (those with next modules, and the head's
+        with ``exact_head``), so that the step can drop it, and the activations it captured, after the last."""
+        if graph is None or not graph.volatile:
+            return None
+        return {m: graph.calls.get(m, 0) for m in self.guess_points
+                if graph.next_edges(m) or (self.exact_head and graph.boundary_edges(m))}
+
     def _guess_point_hook(self, module, args, output):
         step = self._step
         if step is None or step.closed or self._quiet or not torch.is_grad_enabled():
@@ -545,8 +555,15 @@ class GuessHandle:
                 contribution = self._weight_space_jvp(module, record)
         else:
             contribution = record.guess = self._activation_guess(module, primal, graph)
+        if step.graph_uses is not None and module in step.graph_uses:
+            step.graph_uses[module] -= 1
+            if not any(n > 0 for n in step.graph_uses.values()):
+                step.graph = step.graph_uses = None  # a volatile graph holds activations: free them as soon as possible
         if self._captured is not None:
-            self._captured.append({"module": self._names[module], "guess": record.guess, "tangents": record.tangents})
+            nexts = [self._names[e.consumer] for e in graph.next_edges(module)] if (
+                graph is not None and record.guess is not None and self.method.target is not None) else []
+            self._captured.append({"module": self._names[module], "guess": record.guess, "tangents": record.tangents,
+                                   "next_modules": nexts})
         if step.recomputing:
             self._accumulate(step, record)
             return None
@@ -629,6 +646,10 @@ class GuessHandle:
         if target is None or not edges:
             # activation perturbation; and the output layer of every method (paper A.4)
             return isotropic_guess(primal, gen)
+        if self.store == "recompute" and self.method.name == "wt":
+            streamed = self._streamed_wt_guess(primal, edges, gen)
+            if streamed is not None:
+                return streamed
         leaf = primal.detach().requires_grad_(True)
         self._quiet += 1
         try:
@@ -662,6 +683,43 @@ class GuessHandle:
         if target == "next":
             return wt_guess(targets, pullback, gen)
         return downstream_guess(targets, pullback, gen, self.distribution)
+
+    def _streamed_wt_guess(self, primal: Tensor, edges: list, gen: torch.Generator) -> Tensor | None:
+        """``W^T`` guess of ``store="recompute"`` when every next module is a Linear: each edge's chain is replayed,
+        given its summed cotangent ``Σ ε_j W_j`` and pulled back on its own, so only one edge's values are alive at a
+        time (a prompt's next modules are every layer's projections). Shared prefixes are replayed again per edge:
+        compute for memory. Same draws, in the same order, as the one-pass pullback. ``None``: not applicable."""
+        if any(type(e.consumer) is not nn.Linear or e.shape is None for e in edges):
+            return None
+        lifts = [e.consumer.weight.detach() for e in edges]
+        if self.wt_power != 1.0:
+            lifts = [_power_singular_values(w, self.wt_power) for w in lifts]
+        targets = [primal.new_empty((), dtype=e.dtype).expand(*e.shape[:-1], w.shape[0])
+                   for e, w in zip(edges, lifts, strict=True)]
+
+        def pullback(cotangents):
+            draws = iter(cotangents)
+            total = torch.zeros_like(primal)
+            i = 0
+            while i < len(edges):
+                chain, summed = edges[i].chain, None
+                while i < len(edges) and edges[i].chain is chain:  # q, k and v read one value
+                    c = next(draws) @ lifts[i]
+                    summed = c if summed is None else summed + c
+                    i += 1
+                leaf = primal.detach().requires_grad_(True)
+                self._quiet += 1
+                try:
+                    with torch.enable_grad():
+                        x = chain(leaf, {})
+                        (g,) = torch.autograd.grad(x, leaf, summed.to(x.dtype), allow_unused=True)
+                finally:
+                    self._quiet -= 1
+                if g is not None:
+                    total += g
+            return total
+
+        return wt_guess(targets, pullback, gen)
 
     def _targets(self, module, s: Tensor, graph: Graph, target: str) -> tuple[list[Tensor], list[Tensor | None]]:
         """What the guess at ``module`` is pulled back from, as differentiable functions of ``s``.
@@ -835,6 +893,7 @@ class GuessHandle:
                 if again.graph is None and needs_graph:
                     self._recompute = None
                     again.graph = self._graph_for(saved["args"], saved["kwargs"])
+                    again.graph_uses = self._graph_uses(again.graph)
                     self._recompute = again
                 self.model(*saved["args"], **saved["kwargs"])
         finally:

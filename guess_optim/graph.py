@@ -121,10 +121,13 @@ class Chain:
 
 @dataclass(frozen=True)
 class Edge:
-    """``consumer`` (a module, or :data:`BOUNDARY`) consumes ``chain(output of the producer)``."""
+    """``consumer`` (a module, or :data:`BOUNDARY`) consumes ``chain(output of the producer)``, a tensor of shape
+    ``shape`` and dtype ``dtype`` (as seen at discovery)."""
 
     consumer: nn.Module | str
     chain: Chain
+    shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -134,10 +137,12 @@ class Graph:
     Attributes:
         edges: ``module → list of edges``; a module absent from the map was not called.
         names: ``module → qualified name`` in the model, for messages.
+        calls: ``module → number of calls`` in the traced forward.
     """
 
     edges: dict[nn.Module, list[Edge]] = field(default_factory=dict)
     names: dict[nn.Module, str] = field(default_factory=dict)
+    calls: dict[nn.Module, int] = field(default_factory=dict)
 
     @property
     def volatile(self) -> bool:
@@ -316,13 +321,14 @@ def discover(
         if module in tracked:
             for t in tree_flatten((args, kwargs))[0] if torch.is_grad_enabled() else ():
                 for origin, chain in tracer.origins(t).items():
-                    graph.edges.setdefault(origin, []).append(Edge(module, chain))
+                    graph.edges.setdefault(origin, []).append(Edge(module, chain, tuple(t.shape), t.dtype))
             tracer.inside += 1
 
     def post(module, args, kwargs, output):
         if module in tracked:
             tracer.inside -= 1
             graph.edges.setdefault(module, [])
+            graph.calls[module] = graph.calls.get(module, 0) + 1
             if isinstance(output, Tensor) and torch.is_grad_enabled() and module in followed:
                 tracer.track(output, {module: Chain()})
         if module is boundary:

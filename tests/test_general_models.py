@@ -315,6 +315,39 @@ def test_convolution_variants_match_backprop_formula(method):
     assert_estimates(model, expected_estimate(method, calls, cap, grads))
 
 
+class SharedResidual(nn.Module):
+    """One Linear applied twice on a residual stream (its graph captures activations, so the step frees it after
+    the last guess-point call that reads it: the shared module's second call must still find it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_in, self.shared, self.head = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 10)
+
+    def forward(self, x):
+        h = self.fc_in(x)
+        h = h + self.shared(torch.tanh(h))
+        h = h + self.shared(torch.tanh(h))
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("store", ["activations", "recompute"])
+@pytest.mark.parametrize("method", ["wt", "mixing", "downstream"])
+def test_module_called_twice_on_a_volatile_graph(method, store):
+    torch.manual_seed(0)
+    model = SharedResidual().double()
+    x, y = batch((5,))
+    calls, grads = backprop_reference(model, x, y)
+    with attach(model, method, seed=0, store=store) as h, h.capture() as cap:
+        loss_of(model, x, y).backward()
+        assert h._graph_for((x,), {}).volatile
+    cap = cap[:4]  # recompute captures the same guesses again
+    assert [c["module"] for c in cap] == ["fc_in", "shared", "shared", "head"]
+    assert not torch.equal(cap[1]["guess"], cap[2]["guess"])
+    # both calls of the shared module get a structured guess (the graph is kept until its last reader)
+    assert [sorted(set(c["next_modules"])) for c in cap] == [["head", "shared"]] * 3 + [[]]
+    assert_estimates(model, expected_estimate(method, calls, cap, grads))
+
+
 # ---------------------------------------------------------------------------------------------------- unbiasedness
 def _estimate(model, kwargs, x, y, method, seed, **extra):
     model.zero_grad(set_to_none=True)
