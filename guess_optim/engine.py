@@ -909,6 +909,8 @@ class GuessHandle:
     def _record_estimate(self, r: _Record, d: Tensor, grad_rep: Tensor, k: int) -> dict[str, Tensor]:
         if r.tangents is not None:  # weight space: (Σ_b d_b) V, averaged over the K guesses
             per_block = d.reshape(k, -1).sum(1)
+            if k == 1:  # one weight-sized pass
+                return {n: per_block[0] * r.tangents[0][n] for n in r.params}
             return {n: sum(per_block[j] * r.tangents[j][n] for j in range(k)) / k for n in r.params}
         if r.exact is not None:  # exact local gradient of the head
             s = r.output.detach().requires_grad_(True)

@@ -372,3 +372,20 @@ def test_weight_sharing_sums_both_calls():
     model.zero_grad()
     model(x).pow(2).sum().backward()
     assert F.cosine_similarity(est.flatten(), model.fc.weight.grad.flatten(), dim=0) > 0.95
+
+
+def test_normalize_rows_scales_each_row_to_norm_sqrt_n():
+    from guess_optim.guesses import normalize_rows
+
+    u = torch.randn(4, 3, 5, dtype=torch.float64)
+    u[2] = 0.0
+    out = normalize_rows(u)
+    norms = out.reshape(4, -1).norm(dim=1)
+    torch.testing.assert_close(norms[[0, 1, 3]], torch.full((3,), 15.0 ** 0.5, dtype=torch.float64))
+    assert torch.equal(out[2], torch.zeros(3, 5, dtype=torch.float64))  # a zero row stays zero, no NaN
+    kept = u.clone()
+    same = normalize_rows(u, inplace=True)
+    assert same is u and torch.equal(same, out)  # in place: the same values, bit for bit
+    t = kept.transpose(1, 2)  # not contiguous: falls back to a new tensor, input untouched
+    before = t.clone()
+    assert torch.equal(normalize_rows(t, inplace=True), normalize_rows(before)) and torch.equal(t, before)
