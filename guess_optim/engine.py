@@ -157,8 +157,11 @@ def _power_singular_values(weight: Tensor, power: float) -> Tensor:
 
 
 def _primal(x: Any) -> Any:
+    """The values of a dual tensor, detached: ``unpack_dual``'s primal is a view that keeps the dual tensor, and so
+    its tangent, alive for as long as it is held (a record would pin every layer's tangent until the step ends)."""
     if isinstance(x, Tensor):
-        return fwAD.unpack_dual(x).primal
+        primal, tangent = fwAD.unpack_dual(x)
+        return x if tangent is None else primal.detach()
     return x
 
 
@@ -533,6 +536,7 @@ class GuessHandle:
         if not isinstance(output, Tensor):
             raise TypeError(f"guess point {self._names[module]!r} returned {type(output).__name__}, not a Tensor")
         primal, tangent = fwAD.unpack_dual(output)
+        primal = primal.detach() if tangent is not None else primal  # see _primal
         params = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in step.trainable}
         record = _Record(module, params, tuple(_primal(a) for a in args))
         graph = step.graph
@@ -590,7 +594,7 @@ class GuessHandle:
         if tangent is None:
             return None
         step.input_tangents.append((module, tangent))
-        return (primal, *args[1:])
+        return (primal.detach(), *args[1:])  # detached: see _primal
 
     def _add_output_tangent(self, module, args, output):
         step = self._step

@@ -251,6 +251,33 @@ def test_remove_leaves_no_hook_no_dual_no_batch_reference():
     assert re.search("GuessHandle", repr(h))
 
 
+@pytest.mark.parametrize("method", ["activation", "wt", "directional"])
+def test_a_layers_tangent_dies_once_the_next_layers_have_used_it(method):
+    """Records keep a layer's input and guess for backward, never its tangent: during the guessing forward, the
+    tangents of layers already passed are freed (peak memory of a deep model stays one tangent, not one per layer)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 8),
+                          nn.Tanh(), nn.Linear(8, 3))
+    tangents, alive = [], []
+
+    def keep(module, args, out):
+        tangent = fwAD.unpack_dual(out).tangent
+        if tangent is not None:  # not wt's graph-discovery forward
+            tangents.append(weakref.ref(tangent))
+
+    def check(module, args):
+        if tangents:
+            gc.collect()
+            alive.append([t() is not None for t in tangents])
+
+    hooks = [model[i].register_forward_hook(keep) for i in (1, 3, 6)]
+    hooks.append(model[7].register_forward_pre_hook(check))
+    with attach(model, method, seed=0):
+        model(torch.randn(5, 4)).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert alive == [[False, False, True]]  # only the last Tanh's output (model[7]'s input) is still in use
+
+
 def test_second_backward_through_one_forward_is_refused_clearly():
     model = mlp()
     with attach(model, "wt", seed=0):
