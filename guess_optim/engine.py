@@ -3,12 +3,14 @@
 How one training step runs (DESIGN.md §4):
 
 1. The root forward pre-hook (only when ``model.training`` and grad mode is on, outside inference mode) opens a
-   :mod:`torch.autograd.forward_ad` dual level and enters ``no_grad``: no reverse graph is recorded.
-   With ``num_guesses=K`` it repeats every batch-shaped input ``K`` times along dim 0.
+   :mod:`torch.autograd.forward_ad` dual level and makes the trainable parameters briefly not require grad: no
+   reverse graph is recorded, while grad mode stays on so that the model's own ``no_grad`` regions are seen (ops run
+   there get no tangent, :class:`_NoGradRegions`). With ``num_guesses=K`` it repeats every batch-shaped input ``K``
+   times along dim 0.
 2. Each guess point's forward hook draws its guess from what is known then (the output, the next modules' weights,
    the batch's post-activations), adds it to the output's tangent, and records what the estimate needs.
-3. The boundary (the root, or ``head=``) forward hook reads the output tangent ``ż``, closes ``no_grad`` and the dual
-   level, and returns the output through :class:`_GuessedGradient`, whose inputs are the output and the trainable
+3. The boundary (the root, or ``head=``) forward hook reads the output tangent ``ż``, restores the parameters and
+   closes the dual level, and returns the output through :class:`_GuessedGradient`, whose inputs are the output and the trainable
    parameters.
 4. The user's ``loss.backward()`` reaches :meth:`_GuessedGradient.backward` with ``∂L/∂z`` (exact and cheap:
    autograd only went through the loss), which forms the per-example directional derivatives
