@@ -10,8 +10,8 @@ How one training step runs (DESIGN.md §4):
 2. Each guess point's forward hook draws its guess from what is known then (the output, the next modules' weights,
    the batch's post-activations), adds it to the output's tangent, and records what the estimate needs.
 3. The boundary (the root, or ``head=``) forward hook reads the output tangent ``ż``, restores the parameters and
-   closes the dual level, and returns the output through :class:`_GuessedGradient`, whose inputs are the output and the trainable
-   parameters.
+   closes the dual level, and returns the output through :class:`_GuessedGradient`, whose inputs are the output and
+   the trainable parameters.
 4. The user's ``loss.backward()`` reaches :meth:`_GuessedGradient.backward` with ``∂L/∂z`` (exact and cheap:
    autograd only went through the loss), which forms the per-example directional derivatives
    ``d_b = <∂L/∂z_b, ż_b>`` and returns the estimates as the parameters' gradients, so autograd accumulates them
@@ -24,6 +24,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,18 @@ def _power_singular_values(weight: Tensor, power: float) -> Tensor:
     u, s, vh = torch.linalg.svd(weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight,
                                 full_matrices=False)
     return ((u * s.pow(power)) @ vh).to(weight.dtype)
+
+
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a warning raised from inside ``backward()``: the first frame outside torch and this package
+    (the user's ``loss.backward()`` line), counted from the caller of this function."""
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _primal(x: Any) -> Any:
@@ -873,7 +886,7 @@ class GuessHandle:
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(msg)
             self.skipped_steps += 1
-            warnings.warn(msg, NonFiniteEstimateWarning, stacklevel=2)
+            warnings.warn(msg, NonFiniteEstimateWarning, stacklevel=_user_stacklevel())
             return [None] * len(out)
         return [None if g is None else g.to(p.dtype) for g, p in zip(out, payload["params"], strict=True)]
 

@@ -184,8 +184,10 @@ def test_nonfinite_estimate_is_skipped_with_a_warning():
     model = mlp()
     x = torch.randn(4, 4)
     with attach(model, "wt", seed=0) as h:
-        with pytest.warns(NonFiniteEstimateWarning, match=r"not written"):
+        with pytest.warns(NonFiniteEstimateWarning, match=r"not written") as caught:
             (model(x).sum() * float("nan")).backward()
+        ours = [w for w in caught if w.category is NonFiniteEstimateWarning]
+        assert ours[0].filename == __file__  # points at the user's backward() line, not into the engine
         assert h.last_step_skipped and h.skipped_steps == 1
         assert all(p.grad is None for p in model.parameters())
         model(x).sum().backward()  # next step is fine again
