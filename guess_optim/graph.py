@@ -64,6 +64,18 @@ class _Sub:
     chain: Chain
 
 
+class _Element:
+    """Replay of taking the ``index``-th tensor of a multi-output op's result (``q, k, v = qkv.unbind(0)``,
+    ``x.chunk(2, -1)``, ``max(dim=...)``, attention returning ``(output, weights)``)."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.__name__ = f"[{index}]"
+
+    def __call__(self, out: Any) -> Tensor:
+        return tree_flatten(out)[0][self.index]
+
+
 def _fill(template: Any, x: Tensor, origin: Tensor, memo: dict[int, Tensor]) -> Any:
     def fill(a):
         if a is _SLOT:
@@ -114,7 +126,16 @@ class Chain:
         # In-place ops (ReLU(inplace=True)) must not modify the caller's tensor.
         out = x.clone() if self.ops else x
         for func, args, kwargs in self.ops:
-            out = func(*_fill(args, out, origin, memo), **_fill(kwargs, out, origin, memo))
+            try:
+                out = func(*_fill(args, out, origin, memo), **_fill(kwargs, out, origin, memo))
+            except GraphError:
+                raise
+            except Exception as e:  # an op the tracer recorded but cannot replay: say so, not a raw TypeError
+                raise GraphError(
+                    f"replaying {_op_name(func)!r}, recorded between a guess point and its next modules, failed "
+                    f"({type(e).__name__}: {e}). Structured guesses (wt, mixing, downstream, self-sharpening) need "
+                    "these ops replayed; use method='activation' or 'directional' for this model, or replace the op."
+                ) from e
         memo[id(self)] = out
         return out
 
@@ -228,9 +249,14 @@ class _Tracer(TorchFunctionMode):
                 slot_args, slot_kwargs = tree_map(self._template(subs, snapshot), (replay_args, replay_kwargs))
                 volatile = captured or any(sub.chain.volatile for sub in subs.values())
                 merged[origin] = Chain(((replay_func, slot_args, slot_kwargs),), volatile)
-        for o in tree_flatten(out)[0]:
+        if isinstance(out, Tensor):
+            self.track(out, merged)
+            return out
+        for i, o in enumerate(tree_flatten(out)[0]):  # each output replays the op once (memo) and picks its own
             if isinstance(o, Tensor):
-                self.track(o, merged)
+                pick = _Element(i)
+                self.track(o, {origin: Chain(((pick, (_Sub(chain),), {}),), chain.volatile)
+                               for origin, chain in merged.items()})
         return out
 
 

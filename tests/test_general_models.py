@@ -348,6 +348,40 @@ def test_module_called_twice_on_a_volatile_graph(method, store):
     assert_estimates(model, expected_estimate(method, calls, cap, grads))
 
 
+class MultiOutput(nn.Module):
+    """Ops that return several tensors between guess points: ``chunk`` (GLU), ``unbind`` (q, k, v), ``max(dim=)``
+    and a frozen ``nn.MultiheadAttention`` (which returns ``(output, weights)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_in, self.qkv, self.fc_out = nn.Linear(5, 16), nn.Linear(8, 24), nn.Linear(8, 10)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True).requires_grad_(False)
+
+    def forward(self, x):
+        a, b = self.fc_in(x).chunk(2, dim=-1)
+        h = (a * torch.sigmoid(b)).reshape(x.shape[0], 1, 8).expand(-1, 3, -1).contiguous()
+        q, k, v = self.qkv(h).reshape(x.shape[0], 3, 3, 8).permute(2, 0, 1, 3).unbind(0)
+        h = h + F.scaled_dot_product_attention(q, k, v)
+        h = h + self.mha(h, h, h, need_weights=False)[0]
+        return self.fc_out(h.max(dim=1).values)
+
+
+@pytest.mark.parametrize("store", ["activations", "recompute"])
+@pytest.mark.parametrize("method", GUESSED)
+def test_multi_output_ops_are_replayed(method, store):
+    torch.manual_seed(0)
+    model = MultiOutput().double()
+    x, y = batch((5,))
+    calls, grads = backprop_reference(model, x, y)
+    with attach(model, method, seed=0, store=store) as h, h.capture() as cap:
+        loss_of(model, x, y).backward()
+    cap = cap[:3]
+    assert [c["module"] for c in cap] == ["fc_in", "qkv", "fc_out"]
+    if METHODS[method].target is not None:
+        assert [sorted(set(c["next_modules"])) for c in cap] == [["fc_out", "qkv"], ["fc_out"], []]
+    assert_estimates(model, expected_estimate(method, calls, cap, grads))
+
+
 # ---------------------------------------------------------------------------------------------------- unbiasedness
 def _estimate(model, kwargs, x, y, method, seed, **extra):
     model.zero_grad(set_to_none=True)

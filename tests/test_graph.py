@@ -378,3 +378,11 @@ def test_inference_mode_and_no_grad_run_the_plain_model(name):
         out = getattr(out, "logits", out)
         out.sum().backward()
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_replay_failure_is_a_graph_error_naming_the_op():
+    from guess_optim.graph import Chain, GraphError
+
+    chain = Chain(((torch.Tensor.transpose, (object(), 0, 1), {}),))  # an operand the replay cannot use
+    with pytest.raises(GraphError, match=r"replaying 'transpose'.*method='activation'"):
+        chain(torch.randn(2, 3))
