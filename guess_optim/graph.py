@@ -128,7 +128,7 @@ class Chain:
         for func, args, kwargs in self.ops:
             try:
                 out = func(*_fill(args, out, origin, memo), **_fill(kwargs, out, origin, memo))
-            except GraphError:
+            except (GraphError, MemoryError, torch.OutOfMemoryError):
                 raise
             except Exception as e:  # an op the tracer recorded but cannot replay: say so, not a raw TypeError
                 raise GraphError(
