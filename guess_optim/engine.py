@@ -194,8 +194,13 @@ class _NoGradRegions(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def _parameters_frozen(params: list[nn.Parameter]):
-    """Grad enabled (the user's ``no_grad`` regions stay visible), but no reverse graph through ``params``."""
+def _parameters_frozen(model: nn.Module, params: list[nn.Parameter]):
+    """Grad enabled (the user's ``no_grad`` regions stay visible), but no reverse graph through ``params``; and
+    Hugging Face gradient checkpointing off (``module.gradient_checkpointing``): without a reverse graph there is
+    nothing to recompute, and a reentrant checkpoint (an autograd Function with no JVP) would stop the tangents."""
+    checkpointing = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    for m in checkpointing:
+        m.gradient_checkpointing = False
     for p in params:
         p.requires_grad_(False)
     try:
@@ -204,6 +209,18 @@ def _parameters_frozen(params: list[nn.Parameter]):
     finally:
         for p in params:
             p.requires_grad_(True)
+        for m in checkpointing:
+            m.gradient_checkpointing = True
+
+
+def _own_autograd():
+    """Grad enabled for the engine's own small reverse passes (replays, local VJPs), with their saved tensors kept
+    as they are even inside a user's ``torch.utils.checkpoint`` region (whose hooks would defer them to a
+    recomputation)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.enable_grad())
+    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+    return stack
 
 
 class _GuessedGradient(torch.autograd.Function):
@@ -485,7 +502,7 @@ class GuessHandle:
         try:
             # No reverse graph, yet grad mode stays on so that the model's own no_grad regions are seen; fused
             # attention kernels have no forward-AD formula.
-            for ctx in (_parameters_frozen(trainable), _NoGradRegions(), sdpa_kernel([SDPBackend.MATH])):
+            for ctx in (_parameters_frozen(self.model, trainable), _NoGradRegions(), sdpa_kernel([SDPBackend.MATH])):
                 ctx.__enter__()
                 step.contexts.append(ctx)
             self._draw_raw_tangents(step)
@@ -521,7 +538,7 @@ class GuessHandle:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._quiet += 1
         try:
-            with torch.random.fork_rng(devices=devices), _parameters_frozen(trainable):
+            with torch.random.fork_rng(devices=devices), _parameters_frozen(self.model, trainable):
                 # downstream guesses walk on from the next modules' own edges; the others need the guess points'
                 sources = None if self.method.target == "downstream" else self.guess_points
                 graph = discover(self.model, lambda: self.model(*args, **kwargs), self._modules, self.head, sources)
@@ -676,7 +693,7 @@ class GuessHandle:
         leaf = primal.detach().requires_grad_(True)
         self._quiet += 1
         try:
-            with torch.enable_grad():
+            with _own_autograd():
                 outputs, lifts = self._targets(module, leaf, graph, target)
         finally:
             self._quiet -= 1
@@ -696,7 +713,7 @@ class GuessHandle:
                     summed[id(o)] = [o, c]
                 else:
                     entry[1] = entry[1] + c
-            with torch.enable_grad():
+            with _own_autograd():
                 (g,) = torch.autograd.grad([o for o, _ in summed.values()], leaf, [c for _, c in summed.values()],
                                            allow_unused=True)
             return torch.zeros_like(primal) if g is None else g
@@ -733,7 +750,7 @@ class GuessHandle:
                 leaf = primal.detach().requires_grad_(True)
                 self._quiet += 1
                 try:
-                    with torch.enable_grad():
+                    with _own_autograd():
                         x = chain(leaf, {})
                         (g,) = torch.autograd.grad(x, leaf, summed.to(x.dtype), allow_unused=True)
                 finally:
@@ -912,7 +929,7 @@ class GuessHandle:
         buffers = [b.detach().clone() for b in self.model.buffers()]  # the user's forward already updated them
         try:
             # the same attention kernel as the first forward, so attention dropout draws the same masks
-            with _forked_rng(saved["rng"]), _parameters_frozen(trainable), sdpa_kernel([SDPBackend.MATH]):
+            with _forked_rng(saved["rng"]), _parameters_frozen(self.model, trainable), sdpa_kernel([SDPBackend.MATH]):
                 if again.graph is None and needs_graph:
                     self._recompute = None
                     again.graph = self._graph_for(saved["args"], saved["kwargs"])
@@ -937,7 +954,7 @@ class GuessHandle:
             return {n: sum(per_block[j] * r.tangents[j][n] for j in range(k)) / k for n in r.params}
         if r.exact is not None:  # exact local gradient of the head
             s = r.output.detach().requires_grad_(True)
-            with torch.enable_grad():
+            with _own_autograd():
                 (g_s,) = torch.autograd.grad(r.exact.chain(s), s, grad_rep)
             return self._local_vjp(r, g_s / k if k > 1 else g_s)
         u = r.guess
@@ -970,7 +987,7 @@ class GuessHandle:
         leaves = {n: r.params[n].detach().requires_grad_(True) for n in names}
         self._quiet += 1
         try:
-            with torch.enable_grad():
+            with _own_autograd():
                 y = functional_call(m, leaves, r.inputs)
                 gs = torch.autograd.grad(y, [leaves[n] for n in names], grad_out, allow_unused=True)
         finally:

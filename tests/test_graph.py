@@ -386,3 +386,52 @@ def test_a_replay_failure_is_a_graph_error_naming_the_op():
     chain = Chain(((torch.Tensor.transpose, (object(), 0, 1), {}),))  # an operand the replay cannot use
     with pytest.raises(GraphError, match=r"replaying 'transpose'.*method='activation'"):
         chain(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("store", ["activations", "recompute"])
+@pytest.mark.parametrize("method", ["activation", "wt"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_hugging_face_gradient_checkpointing_gives_the_same_estimate(reentrant, method, store):
+    """Guessing records no reverse graph, so the engine turns the model's gradient checkpointing off for its
+    forwards (a reentrant checkpoint has no JVP) and back on after: the estimate is the uncheckpointed model's."""
+    x, y = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2])
+    grads = []
+    for checkpointing in (False, True):
+        model = vit()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        with attach(model, method, seed=0, store=store, head=model.classifier):
+            F.cross_entropy(model(x).logits, y).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert model.vit.layers[0].gradient_checkpointing is True  # restored
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-12, atol=1e-14, msg=n)
+
+
+class CheckpointedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x, checkpoint=True):
+        h = torch.tanh(self.fc1(x))
+        block = lambda t: t + self.fc2(torch.tanh(t))  # noqa: E731
+        h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False) if checkpoint else block(h)
+        return self.fc3(torch.tanh(h))
+
+
+@pytest.mark.parametrize("method", ["activation", "wt", "downstream"])
+def test_torch_checkpoint_inside_the_forward_gives_the_same_estimate(method):
+    """A non-reentrant ``torch.utils.checkpoint`` region: the engine's own reverse passes (graph replays) keep their
+    saved tensors instead of handing them to the checkpoint's recomputation."""
+    torch.manual_seed(0)
+    model = CheckpointedBlock().double()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    grads = []
+    for checkpoint in (False, True):
+        m = copy.deepcopy(model)
+        with attach(m, method, seed=0):
+            F.cross_entropy(m(x, checkpoint=checkpoint), y).backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
