@@ -175,6 +175,7 @@ def test_exception_in_forward_leaves_model_usable():
         with pytest.raises(KeyError):
             model(torch.randn(2, 4))
         assert torch.is_grad_enabled() and fwAD._current_level == -1
+        assert all(p.requires_grad for p in model.parameters())  # briefly off during the guessing forward
         model.fail = False
         model(torch.randn(2, 4)).sum().backward()
     assert model.fc.weight.grad is not None
