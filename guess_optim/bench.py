@@ -79,6 +79,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import __version__, attach
+from ._io import write_json, write_text
 from .guesses import METHODS
 from .models import MLP, ConvNet
 
@@ -1145,27 +1146,9 @@ def profile_step(
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
-def _write(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def _from_json(x: Any) -> Any:
-    """Undo :func:`_json_safe` for ratios (``None`` → NaN), so reports can be re-rendered from a JSON file."""
+    """Undo :func:`~guess_optim._io.json_safe` for ratios (``None`` → NaN), so reports can be re-rendered from a JSON
+    file."""
     for kind in ("time", "memory"):
         for r in x.get(kind, []):
             for k in ("ratio", "total_ratio", "of_floor", "ratio_q1", "ratio_q3", "ratio_iqr"):
@@ -1278,11 +1261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _save(results: dict[str, Any], args: argparse.Namespace, *, plots: bool) -> None:
     """Write ``--out``, ``--plot-dir`` and ``--markdown`` (after every case, and once more at the end)."""
     if args.out and not args.from_json:
-        _write(args.out, json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n")
+        write_json(args.out, results)
     paths = plot(results, args.plot_dir) if args.plot_dir and plots else []
     if args.markdown:
         base = os.path.dirname(os.path.abspath(args.markdown))
-        _write(args.markdown, to_markdown(results, plot_paths=[os.path.relpath(p, base) for p in paths]))
+        write_text(args.markdown, to_markdown(results, plot_paths=[os.path.relpath(p, base) for p in paths]))
 
 
 if __name__ == "__main__":

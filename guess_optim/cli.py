@@ -9,7 +9,6 @@ batch (paper §3, Fig. 1). Both can write their results as JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -23,11 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from ._io import write_json
 from .data import DATASETS, load_dataset, make_loaders
 from .diagnostics import cosine_similarity
 from .guesses import METHODS
 from .models import ACTIVATIONS, MODELS, build_model
-from .trainer import GuessedGradientTrainer, atomic_write
+from .trainer import GuessedGradientTrainer
 
 __all__ = ["DEFAULT_EPOCHS", "OPTIMIZERS", "build_optimizer", "derive_seeds", "main"]
 
@@ -233,22 +233,6 @@ def _versions() -> dict[str, str]:
     return {"guess_optim": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
-def _json_safe(x: Any) -> Any:
-    """Replace non-finite floats by ``None`` (JSON has no NaN) throughout nested dicts/lists."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
-    atomic_write(path, lambda f: f.write(text), mode="w")
-
-
 def _load(args: argparse.Namespace):
     return load_dataset(args.dataset, data_dir=args.data_dir, download=args.download, split_seed=SPLIT_SEED)
 
@@ -313,7 +297,7 @@ def _train(args: argparse.Namespace) -> int:
         f"{last['test_accuracy']:.4f}, mean cosine {cos}, skipped steps {trainer.skipped_steps}, {seconds:.1f}s"
     )
     if args.out:
-        _write_json(args.out, result)
+        write_json(args.out, result, indent=2)
     return 0
 
 
@@ -368,7 +352,7 @@ def _cosine(args: argparse.Namespace) -> int:
         ratio = "-" if ratios[m] is None else f"{ratios[m]:.1f}"
         print(f"{m:<16} {means[m]:>12.5f} {ratio:>14}")
     if args.out:
-        _write_json(
+        write_json(
             args.out,
             {
                 "command": "cosine",
@@ -387,6 +371,7 @@ def _cosine(args: argparse.Namespace) -> int:
                 "config": {k: v for k, v in vars(args).items() if k != "func"},
                 "versions": _versions(),
             },
+            indent=2,
         )
     return 0
 

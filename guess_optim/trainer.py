@@ -7,10 +7,8 @@ For people without a training framework (the ``guess-optim train`` command uses 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -22,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ._io import atomic_write
 from .diagnostics import backprop_gradient, gradient_cosine, read_grads
 from .engine import attach
 from .guesses import get_method
@@ -32,33 +31,6 @@ CHECKPOINT_NAME = "last.pt"
 """File name of the checkpoint written to ``checkpoint_dir`` after every epoch."""
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode: str = "wb") -> None:
-    """Write a file so that ``path`` holds either its previous content or the complete new one, never a torn file.
-
-    ``write(f)`` writes into a temporary file in the same directory, which is flushed, fsync'ed and then moved over
-    ``path`` with :func:`os.replace` (atomic on POSIX and Windows). If ``write`` raises, the temporary file is
-    removed and ``path`` is untouched.
-
-    Args:
-        path: destination file; its directory must exist.
-        write: called once with the open temporary file.
-        mode: ``"wb"`` or ``"w"``. (default: ``"wb"``)
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _to(batch: Any, device: torch.device) -> Any:

@@ -8,7 +8,6 @@ is left as it was) and draws guesses from the engine's private generators.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from .. import __version__
+from .._io import json_safe, write_json
 from ..data import DATASETS, DatasetSplits, load_dataset, make_loaders
 from ..diagnostics import backprop_gradient, gradient_cosine, read_grads
 from ..engine import NonFiniteEstimateWarning, attach
@@ -363,18 +363,6 @@ def versions() -> dict[str, str]:
             "torch_threads": str(torch.get_num_threads())}
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None  # JSON has no NaN/inf: a diverged or undefined value
-    return x
-
-
 def finish(
     name: str,
     paper: str,
@@ -393,8 +381,8 @@ def finish(
     record = {
         "experiment": name,
         "paper": paper,
-        "config": _json_safe(dataclasses.asdict(config)),
-        "results": _json_safe(results),
+        "config": json_safe(dataclasses.asdict(config)),
+        "results": json_safe(results),
         "versions": versions(),
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -405,7 +393,7 @@ def finish(
         png = out / f"{name}.png"
         fig.savefig(png, dpi=110, bbox_inches="tight")
         record["files"] = [str(out / f"{name}.json"), str(png)]
-        (out / f"{name}.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+        write_json(out / f"{name}.json", record)
     return record
 
 

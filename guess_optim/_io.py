@@ -1,0 +1,68 @@
+"""Result files: atomic writes, and JSON without NaN (used by the trainer, the CLI, the benchmark and the
+reproductions)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["atomic_write", "json_safe", "write_json", "write_text"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode: str = "wb") -> None:
+    """Write a file so that ``path`` holds either its previous content or the complete new one, never a torn file.
+
+    ``write(f)`` writes into a temporary file in the same directory, which is flushed, fsync'ed and then moved over
+    ``path`` with :func:`os.replace` (atomic on POSIX and Windows). If ``write`` raises, the temporary file is
+    removed and ``path`` is untouched.
+
+    Args:
+        path: destination file; its directory must exist.
+        write: called once with the open temporary file.
+        mode: ``"wb"`` or ``"w"``. (default: ``"wb"``)
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with non-finite floats replaced by ``None`` (JSON has no NaN or infinity: a diverged or undefined value),
+    numpy scalars by Python numbers and dict keys by strings, throughout nested dicts, lists and tuples."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, creating its directory."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def write_json(path: str | os.PathLike, data: Any, *, indent: int = 1) -> None:
+    """Write :func:`json_safe` of ``data`` to ``path`` as JSON, atomically."""
+    write_text(path, json.dumps(json_safe(data), indent=indent, allow_nan=False) + "\n")
