@@ -27,7 +27,7 @@ if [ -z "$PY" ]; then
   echo "run_gpu.sh: no Python with CUDA-enabled torch found (set PYTHON=..., or run scripts/setup.sh first)" >&2
   exit 2
 fi
-# A checkout that is not pip-installed still runs: the repository root is on the path (guess_optim/, integrations/).
+# A checkout that is not pip-installed still runs: the repository root is on the path (guess_optim/).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 {

@@ -319,12 +319,8 @@ class _Built:
 def _vpt_classes() -> tuple[Any, Any]:
     try:
         from .integrations.vpt import VisualPromptTuning, VPTConfig
-    except ImportError:
-        try:  # run from a checkout that is not installed: the integrations folder beside the package
-            from integrations.vpt import VisualPromptTuning, VPTConfig  # type: ignore[no-redef]
-        except ImportError as err:
-            raise Unavailable(
-                f"visual prompt tuning needs transformers: pip install \"guess-optim[hf]\" ({err})") from err
+    except ImportError as err:
+        raise Unavailable(f"visual prompt tuning needs transformers: pip install \"guess-optim[hf]\" ({err})") from err
     return VisualPromptTuning, VPTConfig
 
 

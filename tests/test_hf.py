@@ -1,4 +1,4 @@
-"""Hugging Face Trainer integration (integrations/hf.py): estimates, accumulation, clipping, skipped steps,
+"""Hugging Face Trainer integration (guess_optim/integrations/hf.py): estimates, accumulation, clipping, skipped steps,
 checkpoints and resume, evaluation, logging, head discovery, optional dependency."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Visual prompt tuning of Hugging Face ViTs (integrations/vpt.py) and LoRA through peft, with guessed gradients."""
+"""Visual prompt tuning of Hugging Face ViTs (guess_optim/integrations/vpt.py) and LoRA through peft, with guesses."""
 
 from __future__ import annotations
 
