@@ -12,8 +12,8 @@ from .engine import (
     attach,
     handle_of,
 )
+from .estimators import METHODS, Estimator, get_estimator, register_estimator, unregister_estimator
 from .graph import GraphError
-from .guesses import METHODS, Method
 from .optim import StableAdamW
 from .prompts import PromptTokens
 from .trainer import GuessedGradientTrainer
@@ -21,6 +21,7 @@ from .trainer import GuessedGradientTrainer
 __all__ = [
     "GUESS_POINT_TYPES",
     "METHODS",
+    "Estimator",
     "GraphError",
     "GuessHandle",
     "GuessedGradientTrainer",
@@ -30,7 +31,12 @@ __all__ = [
     "PromptTokens",
     "StableAdamW",
     "attach",
+    "get_estimator",
     "handle_of",
+    "register_estimator",
+    "unregister_estimator",
 ]
+
+Method = Estimator  # the registry's entries were ``Method`` records before estimators became classes
 
 __version__ = "0.1.0.dev0"

@@ -38,12 +38,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .estimators import Estimator as Method
+from .estimators import get_estimator as get_method
 from .graph import BOUNDARY, Edge, Graph, GraphError, discover
 from .guesses import (
-    Method,
     directional_guess,
     downstream_guess,
-    get_method,
     isotropic_guess,
     mixing_guess,
     wt_guess,
@@ -484,7 +484,7 @@ class GuessHandle:
                 "torch.autograd.forward_ad.dual_level(), which PyTorch does not nest"
             )
         graph = None
-        if self.method.target is not None or self.exact_head:
+        if self.method.needs is not None or self.exact_head:
             graph = self._graph_for(args, kwargs)
         saved = None
         if self.store == "recompute":
@@ -540,7 +540,7 @@ class GuessHandle:
         try:
             with torch.random.fork_rng(devices=devices), _parameters_frozen(self.model, trainable):
                 # downstream guesses walk on from the next modules' own edges; the others need the guess points'
-                sources = None if self.method.target == "downstream" else self.guess_points
+                sources = None if self.method.needs == "downstream" else self.guess_points
                 graph = discover(self.model, lambda: self.model(*args, **kwargs), self._modules, self.head, sources)
         finally:
             self._quiet -= 1
@@ -597,7 +597,7 @@ class GuessHandle:
                 step.graph = step.graph_uses = None  # a volatile graph holds activations: free them as soon as possible
         if self._captured is not None:
             nexts = [self._names[e.consumer] for e in graph.next_edges(module)] if (
-                graph is not None and record.guess is not None and self.method.target is not None) else []
+                graph is not None and record.guess is not None and self.method.needs is not None) else []
             self._captured.append({"module": self._names[module], "guess": record.guess, "tangents": record.tangents,
                                    "next_modules": nexts})
         if step.recomputing:
@@ -681,7 +681,7 @@ class GuessHandle:
 
     def _activation_guess(self, module, primal: Tensor, graph: Graph | None) -> Tensor:
         gen = self.generator(primal.device)
-        target = self.method.target
+        target = self.method.needs
         edges = graph.next_edges(module) if graph is not None else []
         if target is None or not edges:
             # activation perturbation; and the output layer of every method (paper A.4)
@@ -918,7 +918,7 @@ class GuessHandle:
         saved = step.saved
         again = _Step(level=None, grad_was_enabled=False, graph=step.graph, batch=step.batch, trainable=step.trainable)
         trainable = [p for p in self.model.parameters() if id(p) in step.trainable]
-        needs_graph = self.method.target is not None or self.exact_head
+        needs_graph = self.method.needs is not None or self.exact_head
         again.d, again.grad_rep = step.d, step.grad_rep
         current = {d: g.get_state() for d, g in self._generators.items()}
         for d, state in saved["generators"].items():
@@ -1100,7 +1100,7 @@ def attach(
             "gradient (leave them at their defaults)"
         )
     if distribution is None:
-        distribution = m.distribution
+        distribution = getattr(m, "distribution", "normal")
     if distribution not in ("normal", "uniform", "symmetric-uniform"):
         raise ValueError(
             f"Invalid distribution: {distribution!r}; expected 'normal', 'uniform' or 'symmetric-uniform'"

@@ -1,10 +1,11 @@
-"""The guesses of "How to Guess a Gradient": one pure function per method, and the registry of methods.
+"""The guesses of "How to Guess a Gradient": one pure function per method.
 
 Every function here takes tensors (and a private :class:`torch.Generator`) and returns a guess tensor; none of them
-knows about modules, hooks or autograd state. The engine (:mod:`guess_optim.engine`) decides where a guess is
-injected and turns the measured directional derivative into an estimate.
+knows about modules, hooks or autograd state. The estimators (:mod:`guess_optim.estimators`, one class each) call
+them; the engine decides where a guess is injected and turns the measured directional derivative into an estimate.
+``METHODS`` (the registry) and ``get_method`` are importable from here too.
 
-Notation (paper §2.1, DESIGN.md §3), for one example ``b`` and a guess point ``i`` with output (pre-activation)
+Notation (paper §2.1), for one example ``b`` and a guess point ``i`` with output (pre-activation)
 ``s_i`` of shape ``[N, *S]`` (``N`` rows: the batch, repeated ``num_guesses`` times):
 
 * ``activation``: ``u_b ~ N(0, I)``, unbiased: ``E[(g·u) u] = g``.
@@ -27,19 +28,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "METHODS",
-    "Method",
     "Pullback",
     "directional_guess",
     "downstream_guess",
-    "get_method",
     "isotropic_guess",
     "mixing_guess",
     "normalize_rows",
@@ -175,62 +172,11 @@ def directional_guess(param: Tensor, generator: torch.Generator) -> Tensor:
     return normalize_rows(v.reshape(1, -1), inplace=True).reshape(param.shape)
 
 
-@dataclass(frozen=True)
-class Method:
-    """One estimator of the registry.
+def __getattr__(name: str):
+    # The registry moved to guess_optim.estimators (one class per estimator); these names stay importable from here.
+    if name in ("METHODS", "get_method", "Method"):
+        from . import estimators
 
-    Attributes:
-        name: the ``method=`` string.
-        space: ``"backprop"`` (plain autograd), ``"weight"`` (weight perturbation) or ``"activation"``
-            (guess at the guess points' outputs, estimate by a local VJP).
-        target: what the pullback of a structured guess starts from: ``None`` (isotropic), ``"post"``
-            (post-activations feeding the next modules), ``"next"`` (next modules' outputs) or ``"downstream"``
-            (post-activations ``downstream_layers`` modules downstream).
-        unbiased: whether ``E[ĝ] = ∇L``.
-        exact_head: whether the output layer always gets its exact gradient (self-sharpening).
-        distribution: default law of ``ε`` for downstream guesses.
-        summary: one line for help texts.
-    """
-
-    name: str
-    space: Literal["backprop", "weight", "activation"]
-    target: Literal["post", "next", "downstream"] | None
-    unbiased: bool
-    exact_head: bool = False
-    distribution: Distribution = "normal"
-    summary: str = ""
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("backprop", "backprop", None, True, summary="exact gradient by backpropagation (the oracle)"),
-        Method("directional", "weight", None, True, summary="weight perturbation, V ~ N(0, I) (A.4)"),
-        Method("activation", "activation", None, True, summary="pre-activation perturbation, N(0, I) (A.4)"),
-        Method("mixing", "activation", "post", False, summary="random mixtures of the batch's activations (§2.2)"),
-        Method("wt", "activation", "next", False, summary="W^T of the next layer times N(0, I), masked (§2.1)"),
-        Method("downstream", "activation", "downstream", False, summary="VJP of N(0, I) from l layers down (§2.1)"),
-        Method(
-            "self-sharpening",
-            "activation",
-            "downstream",
-            False,
-            exact_head=True,
-            distribution="uniform",
-            summary="downstream with uniform guesses and the exact head gradient (§3, A.4)",
-        ),
-    )
-}
-"""The registry: ``method=`` name → :class:`Method`."""
-
-
-def get_method(name: str) -> Method:
-    """Look up a method by name.
-
-    Raises:
-        ValueError: unknown name; the message lists the valid ones.
-    """
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"Unknown method: {name!r}; expected one of {', '.join(map(repr, METHODS))}") from None
+        return {"METHODS": estimators.METHODS, "get_method": estimators.get_estimator,
+                "Method": estimators.Estimator}[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,52 @@
+"""Validation of user input, with messages that name the value and what was expected (never a bare ``assert``)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["check_choice", "check_float", "check_int"]
+
+
+def check_int(name: str, value: Any, *, low: int = 0, none_ok: bool = False) -> int | None:
+    """``value`` as an int ``>= low`` (a ``bool`` is not an int here; numpy integers are).
+
+    Raises:
+        ValueError: ``Invalid {name}: {value!r}; expected an int >= {low}``.
+    """
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r}; expected an int >= {low}" + (" or None" if none_ok else ""))
+    return int(value)
+
+
+def check_float(name: str, value: Any, *, low: float | None = None, strict: bool = False,
+                high: float | None = None) -> float:
+    """``value`` as a finite float, ``> low`` (``strict``) or ``>= low``, and ``<= high``.
+
+    Raises:
+        ValueError: not a finite real number in the range.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if strict else value >= low)) and (high is None or value <= high)
+    if not ok:
+        bounds = [] if low is None else [f"{'>' if strict else '>='} {low:g}"]
+        bounds += [] if high is None else [f"<= {high:g}"]
+        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number" + (f" {' and '.join(bounds)}"
+                                                                                    if bounds else ""))
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """``value`` if it is one of ``choices``.
+
+    Raises:
+        ValueError: ``Invalid {name}: {value!r}; expected one of ...``.
+    """
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value
