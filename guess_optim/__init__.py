@@ -4,18 +4,14 @@ Implements Singhal et al., "How to Guess a Gradient" (arXiv 2312.04709): guess a
 measure the directional derivative with forward-mode AD, and write the estimate into ``p.grad``.
 """
 
-from .engine import (
-    GUESS_POINT_TYPES,
-    GuessHandle,
-    GuessingNotSupportedError,
-    NonFiniteEstimateWarning,
-    attach,
-    handle_of,
-)
+from .attach import attach, handle_of
+from .errors import GraphError, GuessingNotSupportedError, NonFiniteEstimateWarning
 from .estimators import METHODS, Estimator, get_estimator, register_estimator, unregister_estimator
-from .graph import GraphError
+from .handle import GuessHandle
+from .layout import GUESS_POINT_TYPES
 from .optim import StableAdamW
 from .prompts import PromptTokens
+from .site import Site
 from .trainer import GuessedGradientTrainer
 
 __all__ = [
@@ -29,6 +25,7 @@ __all__ = [
     "Method",
     "NonFiniteEstimateWarning",
     "PromptTokens",
+    "Site",
     "StableAdamW",
     "attach",
     "get_estimator",

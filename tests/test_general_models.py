@@ -310,7 +310,7 @@ def test_convolution_variants_match_backprop_formula(method):
     calls, grads = backprop_reference(model, x, y)
     with attach(model, method, seed=0) as h, h.capture() as cap:
         loss_of(model, x, y).backward()
-        assert set(h._product_modules) == {model.conv_a, model.conv_b, model.conv_c, model.fc}  # not conv_r
+        assert set(h.layout.product_modules) == {model.conv_a, model.conv_b, model.conv_c, model.fc}  # not conv_r
     assert [c["module"] for c in cap] == ["conv_a", "conv_b", "conv_r", "conv_c", "fc"]
     assert_estimates(model, expected_estimate(method, calls, cap, grads))
 
@@ -339,7 +339,7 @@ def test_module_called_twice_on_a_volatile_graph(method, store):
     calls, grads = backprop_reference(model, x, y)
     with attach(model, method, seed=0, store=store) as h, h.capture() as cap:
         loss_of(model, x, y).backward()
-        assert h._graph_for((x,), {}).volatile
+        assert h.graphs.get((x,), {}).volatile
     cap = cap[:4]  # recompute captures the same guesses again
     assert [c["module"] for c in cap] == ["fc_in", "shared", "shared", "head"]
     assert not torch.equal(cap[1]["guess"], cap[2]["guess"])

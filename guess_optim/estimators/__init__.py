@@ -5,14 +5,15 @@ paper A.4), ``mixing`` (§2.2), ``wt`` (§2.1), ``downstream`` (§2.1) and ``sel
 :func:`register_estimator` (see :class:`Estimator`).
 """
 
-from .activation import Activation  # noqa: I001  (registration order: the registry lists the built-ins so)
-from .backprop import Backprop
+# ruff: noqa: I001  (the import order is the registration order, which is the order METHODS lists the built-ins in)
 from .base import METHODS, Estimator, get_estimator, make_estimator, register_estimator, unregister_estimator
+from .backprop import Backprop
 from .directional import Directional
-from .downstream import Downstream
+from .activation import Activation
 from .mixing import Mixing
-from .self_sharpening import SelfSharpening
 from .wt import WT
+from .downstream import Downstream
+from .self_sharpening import SelfSharpening
 
 __all__ = [
     "METHODS",

@@ -1,0 +1,144 @@
+"""``attach(model, method=...)``: the one call that makes ``loss.backward()`` write guessed gradients."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from ._checks import check_choice, check_int
+from .estimators import Estimator, make_estimator
+from .handle import ATTR, GuessHandle
+from .layout import GUESS_POINT_TYPES, unsupported_parameters
+from .nonfinite import NONFINITE_POLICIES
+
+__all__ = ["STORES", "attach", "handle_of"]
+
+STORES = ("activations", "recompute")
+"""What a step keeps between its forward and its backward (``store=`` of :func:`attach`)."""
+
+
+def handle_of(model: nn.Module) -> GuessHandle | None:
+    """The :class:`~guess_optim.GuessHandle` attached to ``model``, or ``None``."""
+    return getattr(model, ATTR, None)
+
+
+def attach(
+    model: nn.Module,
+    method: str | Estimator = "wt",
+    *,
+    seed: int | None = None,
+    exact_head: bool = False,
+    num_guesses: int = 1,
+    head: nn.Module | None = None,
+    on_nonfinite: str = "skip",
+    store: str = "activations",
+    raw_parameters: str = "error",
+    **options: Any,
+) -> GuessHandle:
+    """Train ``model`` with guessed gradients: an unchanged ``loss.backward()`` writes the estimate to ``p.grad``.
+
+    Example::
+
+        handle = attach(model, method="wt", seed=0)
+        loss = F.cross_entropy(model(x), y)   # any loss, any reduction
+        loss.backward()                       # estimate of ∂loss/∂p in every trainable p.grad
+        opt.step()
+        handle.remove()                       # the model is exactly as before
+
+    Guessing happens in training-mode forwards with grad enabled; ``eval()``, ``torch.no_grad()`` and
+    ``torch.inference_mode()`` run the plain model. Dim 0 of the model's inputs and output must be the batch
+    (each example's output may depend only on that example: BatchNorm must be in eval mode).
+
+    Args:
+        model: any ``nn.Module`` whose trainable parameters live in modules of :data:`GUESS_POINT_TYPES`
+            (``nn.Linear`` on any leading shape, ``nn.Conv1d/2d``, ``nn.LayerNorm``, ``nn.GroupNorm``,
+            ``nn.Embedding``, eval-mode BatchNorm, :class:`~guess_optim.PromptTokens`) with parameter-free ops
+            (activations, reshapes, pooling, dropout, attention) in between.
+        method: a name of :data:`~guess_optim.METHODS` (``"backprop"``, ``"directional"``, ``"activation"``,
+            ``"mixing"``, ``"wt"``, ``"downstream"``, ``"self-sharpening"``, or one you registered with
+            :func:`~guess_optim.register_estimator`), or an :class:`~guess_optim.Estimator` instance
+            (``WT(power=2.0)``). Paper §2, A.4. (default: ``"wt"``)
+        seed: seed of the handle's private ``torch.Generator``; the same seed gives bit-identical estimates. The
+            global RNG is never used. ``None`` draws a seed from the OS. (default: ``None``)
+        exact_head: give the output layer(s) — guess points with no next module — their exact gradient, which is
+            local (computed from ``∂L/∂z`` without backprop through the network). Always on for
+            ``"self-sharpening"``. (default: ``False``)
+        num_guesses: ``K`` independent guesses averaged per step (paper Fig. 3); costs a forward over ``K x`` the
+            batch. (default: 1)
+        head: the module whose output ends the guessing region, for models whose output is not a tensor (Hugging
+            Face ``ModelOutput``) or that compute their loss inside ``forward``. (default: the model itself)
+        on_nonfinite: ``"skip"`` (warn with :class:`~guess_optim.NonFiniteEstimateWarning`, write no estimate,
+            count it in ``handle.skipped_steps``), ``"raise"`` (``FloatingPointError``) or ``"propagate"`` (write it
+            as backprop would, and count it: for ``torch.amp.GradScaler``, whose ``step()`` needs to see the overflow
+            to skip the step and back off the scale). (default: ``"skip"``)
+        store: ``"activations"`` keeps each guess point's input and guess from the forward to the backward (memory
+            like backprop's); ``"recompute"`` keeps only the input batch and the generator/RNG states, and runs a
+            second forward during ``backward()`` that regenerates them one layer at a time (memory near inference's,
+            one extra forward of compute; same estimate). (default: ``"activations"``)
+        raw_parameters: what to do with trainable parameters held by modules that are not guess points (e.g. a
+            ViT's ``cls_token``): ``"error"`` refuses them at attach time; ``"directional"`` gives them a
+            weight-space guess ``V ~ N(0, I)`` (one per step, shared by the ``num_guesses`` blocks) for every
+            method. (default: ``"error"``)
+        **options: the estimator's own options, e.g. ``power=`` of ``"wt"`` (also ``wt_power=``), ``layers=`` and
+            ``distribution=`` of ``"downstream"`` (also ``downstream_layers=``). See each class in
+            :mod:`guess_optim.estimators`.
+
+    Returns:
+        The :class:`~guess_optim.GuessHandle` (also a context manager).
+
+    Raises:
+        ValueError: unknown method or option, an invalid option value, a trainable parameter in an unsupported
+            module type, no trainable parameter at all, or a model compiled with ``torch.compile``.
+        TypeError: ``model`` is not an ``nn.Module``.
+        RuntimeError: the model already has a handle attached.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach() expects an nn.Module, got {type(model).__name__}")
+    estimator = make_estimator(method, **options)
+    check_int("num_guesses", num_guesses, low=1)
+    if estimator.space == "backprop" and (num_guesses != 1 or exact_head or store != "activations"):
+        raise ValueError(
+            "num_guesses, exact_head and store apply to guessed methods; method='backprop' computes the exact "
+            "gradient (leave them at their defaults)"
+        )
+    check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+    check_choice("store", store, STORES)
+    check_choice("raw_parameters", raw_parameters, ("error", "directional"))
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+    else:
+        check_int("seed", seed, low=0)
+    _check_model(model, head)
+    if estimator.space != "backprop" and raw_parameters == "error":
+        unsupported = unsupported_parameters(model)
+        if unsupported:
+            name, mod, own = unsupported[0]
+            supported = ", ".join(t.__name__ for t in GUESS_POINT_TYPES)
+            raise ValueError(
+                f"module {name or '<root>'!r} ({type(mod).__name__}) has trainable parameters {own}, but "
+                f"guessed gradients support trainable parameters only in: {supported}. Freeze it "
+                "(requires_grad_(False)), pass raw_parameters='directional' to guess them in weight space, "
+                "or use method='backprop'."
+            )
+    return GuessHandle(model, estimator, seed=int(seed), exact_head=exact_head, num_guesses=int(num_guesses),
+                       head=head, on_nonfinite=on_nonfinite, store=store, raw_parameters=raw_parameters)
+
+
+def _check_model(model: nn.Module, head: nn.Module | None) -> None:
+    if hasattr(model, "_orig_mod") or type(model).__name__ == "OptimizedModule":
+        raise ValueError(
+            "attach() got a torch.compile'd model; attach to the original module (model._orig_mod) instead: "
+            "forward-mode guessing runs eagerly"
+        )
+    existing = handle_of(model)
+    if existing is not None:
+        raise RuntimeError(
+            f"this model already has guessed gradients attached ({existing!r}); call handle.remove() first "
+            "(guess_optim.handle_of(model).remove() if you have no handle, e.g. on a deep copy)"
+        )
+    if head is not None and not any(head is mod for mod in model.modules()):
+        raise ValueError("head must be a submodule of the model")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")

@@ -1,0 +1,305 @@
+"""The handle of an attached model: it installs and removes the hooks and holds the options, generators and counters.
+
+Each training-mode forward gets its own :class:`~guess_optim.step.GuessingStep`; the hooks below only find the live
+step and hand it the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._rng import capture_rng, cuda_devices
+from .contexts import primal
+from .errors import GuessingNotSupportedError
+from .estimators import Estimator
+from .graph import Graph, GraphCache
+from .guesses import directional_guess
+from .layout import Layout
+from .nonfinite import NonFinitePolicy
+from .records import Record
+from .step import GuessingStep
+
+__all__ = ["ATTR", "GuessHandle"]
+
+ATTR = "_guess_optim_handle"
+"""The attribute of the model that holds its handle (so :func:`~guess_optim.handle_of` finds it, also on a copy)."""
+
+
+class GuessHandle:
+    """Guessed gradients attached to a model; returned by :func:`~guess_optim.attach`.
+
+    ``remove()`` (or leaving the ``with`` block) removes every hook and restores the model exactly; like
+    ``torch.utils.hooks.RemovableHandle.remove`` it may be called more than once. While attached, every
+    training-mode forward with grad enabled is a guessing forward, and the following ``backward()`` writes the
+    estimate into ``p.grad``.
+
+    Attributes:
+        model: the attached model.
+        estimator: the :class:`~guess_optim.Estimator` (``method`` is the same object).
+        seed: the seed of the private generators.
+        num_guesses: guesses averaged per step.
+        exact_head: whether the output layer gets its exact gradient.
+        head: the module whose output ends the guessing region (the model itself by default).
+        store: ``"activations"`` or ``"recompute"``.
+        guess_points: the modules that draw a guess.
+        skipped_steps: number of backward passes whose estimate was not finite and was not written.
+        last_step_skipped: whether the most recent backward's estimate was not finite (and so not written,
+            unless ``on_nonfinite="propagate"``): the optimizer step should be skipped.
+    """
+
+    def __init__(self, model: nn.Module, estimator: Estimator, *, seed: int, exact_head: bool, num_guesses: int,
+                 head: nn.Module | None, on_nonfinite: str, store: str, raw_parameters: str):
+        self.model = model
+        self.estimator = estimator
+        self.seed = seed
+        self.exact_head = exact_head or estimator.exact_head
+        self.num_guesses = num_guesses
+        self.head = head if head is not None else model
+        self.store = store
+        self.layout = Layout.of(model, raw_parameters)
+        self.names = self.layout.names
+        self.guess_points = self.layout.guess_points
+        # downstream guesses walk on from the next modules' own edges; the others need the guess points' only
+        sources = None if estimator.needs == "downstream" else self.guess_points
+        self.graphs = GraphCache(model, self.layout.tracked, self.head, sources, self.internal)
+        self.nonfinite = NonFinitePolicy(on_nonfinite)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._hooks: list[Any] = []
+        self._step: GuessingStep | None = None
+        self._internal = 0  # > 0 while the engine itself calls modules (discovery, local VJPs, replays)
+        self._paused = False
+        self._removed = False
+        self._captured: list[dict[str, Any]] | None = None
+        self._forward: Any = None
+        if estimator.space != "backprop":
+            self._install()
+        setattr(model, ATTR, self)
+
+    @property
+    def method(self) -> Estimator:
+        """The estimator (the name ``method`` matches :func:`~guess_optim.attach`'s argument)."""
+        return self.estimator
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.nonfinite.skipped_steps
+
+    @property
+    def last_step_skipped(self) -> bool:
+        return self.nonfinite.last_step_skipped
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    def _install(self) -> None:
+        add, model = self._hooks.append, self.model
+        add(model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
+        for m in self.layout.product_modules:
+            # prepended: the output's tangent must be in place before the guess-point hook reads it
+            add(m.register_forward_pre_hook(self._on_product_pre))
+            add(m.register_forward_hook(self._on_product_post, prepend=True))
+        for m in self.guess_points:
+            add(m.register_forward_hook(self._on_guess_point))
+        for m in self.layout.frozen_norms:
+            add(m.register_forward_hook(self._on_frozen_norm))
+        add(self.head.register_forward_hook(self._on_boundary))
+        # Runs even when forward raises, so the dual level and the contexts never stay open.
+        add(model.register_forward_hook(self._on_root_post, always_call=True))
+        self._forward = model.__dict__.get("forward")
+        if self._forward is None:
+            self._forward = model.forward
+            model.forward = self._forward_guarded
+
+    def remove(self) -> None:
+        """Remove every hook; the model is exactly as before :func:`~guess_optim.attach`. Safe to call again."""
+        if self._removed:
+            return
+        self._close_step()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.model.__dict__.get("forward") == self._forward_guarded:
+            del self.model.forward
+        self.graphs.clear()
+        if getattr(self.model, ATTR, None) is self:
+            delattr(self.model, ATTR)
+        self._removed = True
+
+    def __enter__(self) -> GuessHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (f"GuessHandle(method={self.estimator.name!r}, seed={self.seed}, num_guesses={self.num_guesses}, "
+                f"exact_head={self.exact_head}, guess_points={len(self.guess_points)})")
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[GuessHandle]:
+        """Context manager under which forwards run the plain model and ``backward()`` computes exact gradients."""
+        previous, self._paused = self._paused, True
+        try:
+            yield self
+        finally:
+            self._paused = previous
+
+    @contextlib.contextmanager
+    def internal(self) -> Iterator[None]:
+        """Context manager under which the engine calls modules itself: every hook stands aside."""
+        self._internal += 1
+        try:
+            yield
+        finally:
+            self._internal -= 1
+
+    @property
+    def in_internal_forward(self) -> bool:
+        """``True`` while the engine runs a forward of its own (graph discovery; the second forward of
+        ``store="recompute"``, run from ``backward()``). Like the step's forward, these run with grad enabled (so the
+        model's ``no_grad`` regions are seen); a forward hook that records or counts the user's training forwards
+        should skip them."""
+        return bool(self._internal) or (self._step is not None and self._step.replaying)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[dict[str, Any]]]:
+        """Record the guesses drawn inside the block, for inspection and tests.
+
+        Yields a list that receives one dict per guess-point call: ``module`` (qualified name), ``guess``
+        (activation space: ``u``, ``[N, *S]``, else ``None``), ``tangents`` (weight space: one
+        ``{param name: V}`` per guess, else ``None``) and ``next_modules`` (names of the next modules a structured
+        guess was pulled back from, one per edge; empty for an isotropic guess).
+        """
+        self._captured = []
+        try:
+            yield self._captured
+        finally:
+            self._captured = None
+
+    def captured(self, module: nn.Module, record: Record, graph: Graph | None) -> None:
+        if self._captured is None:
+            return
+        guess, tangents = getattr(record, "guess", None), getattr(record, "tangents", None)
+        nexts = [self.names[e.consumer] for e in graph.next_edges(module)] if (
+            graph is not None and guess is not None and self.estimator.needs is not None) else []
+        self._captured.append({"module": self.names[module], "guess": guess, "tangents": tangents,
+                               "next_modules": nexts})
+
+    # --------------------------------------------------------------------------------------------- generators
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        """The private generator for ``device`` (seeded from :attr:`seed`; one stream per device)."""
+        device = torch.device(device)
+        if device not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._generators[device] = g
+        return self._generators[device]
+
+    def directional_guess(self, param: Tensor) -> Tensor:
+        """A weight-space guess for a parameter outside the guess points (``raw_parameters="directional"``)."""
+        return directional_guess(param, self.generator(param.device))
+
+    @contextlib.contextmanager
+    def generators_at(self, states: dict[torch.device, Tensor]) -> Iterator[None]:
+        """Run with the generators at ``states`` (those created since: at the seed); put them back after."""
+        current = {d: g.get_state() for d, g in self._generators.items()}
+        for d, g in self._generators.items():
+            if d in states:
+                g.set_state(states[d])
+            else:
+                g.manual_seed(self.seed)
+        try:
+            yield
+        finally:
+            for d, state in current.items():
+                self._generators[d].set_state(state)
+
+    def save_for_replay(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """What the second forward of ``store="recompute"`` needs: the inputs, the global RNG, the generators."""
+        from torch.utils._pytree import tree_flatten, tree_map
+
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.dim() > 0]
+        return {"args": tree_map(primal, args), "kwargs": tree_map(primal, kwargs),
+                "rng": capture_rng(cuda_devices(leaves[:1])),
+                "generators": {d: g.get_state() for d, g in self._generators.items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator states and counters, for checkpoints."""
+        return {"seed": self.seed, "skipped_steps": self.skipped_steps,
+                "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.seed = int(state["seed"])
+        self.nonfinite.skipped_steps = int(state.get("skipped_steps", 0))
+        for d, s in state.get("generators", {}).items():
+            self.generator(torch.device(d)).set_state(s)
+
+    # ------------------------------------------------------------------------------------------------- hooks
+    def _live(self) -> GuessingStep | None:
+        """The step a hook acts on: the current forward's, unless the engine itself is calling modules."""
+        step = self._step
+        return None if step is None or step.closed or self._internal else step
+
+    def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if self._internal or (self._step is not None and self._step.replaying):
+            return None
+        self._close_step()  # a previous forward that raised before its boundary: never leave a level open
+        if (self._paused or not self.model.training or not torch.is_grad_enabled()
+                or torch.is_inference_mode_enabled()):
+            return None
+        self._step, args, kwargs = GuessingStep.open(self, args, kwargs)
+        return args, kwargs
+
+    def _on_product_pre(self, module: nn.Module, args: tuple) -> tuple | None:
+        step = self._live()
+        return None if step is None or not torch.is_grad_enabled() else step.strip_input_tangent(module, args)
+
+    def _on_product_post(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
+        step = self._live()
+        return None if step is None else step.add_output_tangent(module, output)
+
+    def _on_guess_point(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
+        step = self._live()
+        # under the model's own no_grad, a module gets no gradient in backprop either
+        return None if step is None or not torch.is_grad_enabled() else step.guess_point(module, args, output)
+
+    def _on_frozen_norm(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
+        step = self._live()
+        return None if step is None else step.match_tangent_dtype(output)
+
+    def _on_boundary(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
+        step = self._live()
+        return None if step is None else step.boundary(module, output)
+
+    def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._internal or (self._step is not None and self._step.replaying):
+            return
+        if self._close_step() and self.head is not self.model:
+            raise RuntimeError(f"head module {self.names.get(self.head)!r} was not called during the model's forward")
+
+    def _close_step(self) -> bool:
+        """Close the current step; whether it was still open (its boundary never ran)."""
+        step, self._step = self._step, None
+        if step is None or step.closed:
+            return False
+        step.close()
+        return True
+
+    def _forward_guarded(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own forward, with forward-AD failures turned into an error that names the op and the fix."""
+        try:
+            return self._forward(*args, **kwargs)
+        except NotImplementedError as e:
+            if self._step is None or not re.search(r"forward[ -]?(mode )?AD|forward-mode|jvp", str(e)):
+                raise
+            self._close_step()
+            raise GuessingNotSupportedError(
+                f"an op in the model has no forward-mode AD formula, so guessed gradients cannot flow through it "
+                f"({e}). Replace the op (e.g. a fused/custom kernel) by an equivalent made of standard PyTorch ops, "
+                "freeze the parameters before it, or train with method='backprop'."
+            ) from e

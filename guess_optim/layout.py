@@ -1,0 +1,85 @@
+"""Which modules of a model are guess points, and what else the engine must know about them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .local_grad import has_product_tangent
+from .prompts import PromptTokens
+
+__all__ = ["GUESS_POINT_TYPES", "Layout", "unsupported_parameters"]
+
+GUESS_POINT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Embedding,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    PromptTokens,
+)
+"""Module types that can hold trainable parameters under guessing. Each is linear in its parameters, so its
+weight-space JVP is the module evaluated with the tangents in place of the parameters."""
+
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, *_BATCHNORM)
+
+
+@dataclass
+class Layout:
+    """The modules of an attached model, sorted by what the engine does with them.
+
+    Attributes:
+        names: module → qualified name.
+        guess_points: modules with trainable parameters of :data:`GUESS_POINT_TYPES`.
+        tracked: guess points and frozen modules of those types (what graph discovery records edges between).
+        frozen_norms: frozen normalization layers, traced through like parameter-free ops (paper A.6: a prompt's
+            ``Wᵀ`` guess is built from the modules that consume it, through the frozen LayerNorm).
+        batchnorms: BatchNorm layers (refused in training mode: they mix the batch).
+        raw: ``(module, name, parameter)`` of trainable parameters outside guess points, guessed in weight space
+            (``raw_parameters="directional"``).
+        product_modules: Linear and zero-padded convolutions, whose tangent is computed apart from the primal.
+    """
+
+    names: dict[nn.Module, str]
+    guess_points: list[nn.Module] = field(default_factory=list)
+    tracked: list[nn.Module] = field(default_factory=list)
+    frozen_norms: list[nn.Module] = field(default_factory=list)
+    batchnorms: list[nn.Module] = field(default_factory=list)
+    raw: list[tuple[nn.Module, str, nn.Parameter]] = field(default_factory=list)
+    product_modules: list[nn.Module] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, model: nn.Module, raw_parameters: str) -> Layout:
+        layout = cls(names={m: n for n, m in model.named_modules()})
+        for m in model.modules():
+            if has_product_tangent(m):
+                layout.product_modules.append(m)
+            if isinstance(m, GUESS_POINT_TYPES):
+                if any(p.requires_grad for p in m.parameters(recurse=False)):
+                    layout.guess_points.append(m)
+                    layout.tracked.append(m)
+                elif isinstance(m, _NORMS):
+                    layout.frozen_norms.append(m)
+                else:
+                    layout.tracked.append(m)
+            elif raw_parameters == "directional":
+                layout.raw += [(m, n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+            if isinstance(m, _BATCHNORM):
+                layout.batchnorms.append(m)
+        return layout
+
+
+def unsupported_parameters(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """``(module name, module, [parameter names])`` of trainable parameters held by modules that are not of
+    :data:`GUESS_POINT_TYPES`."""
+    out = []
+    for name, mod in model.named_modules():
+        own = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+        if own and not isinstance(mod, GUESS_POINT_TYPES):
+            out.append((name, mod, own))
+    return out

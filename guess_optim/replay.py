@@ -1,0 +1,54 @@
+"""``store="recompute"``: the second forward, run from ``backward()``, that regenerates each guess point's input and
+guess and forms its estimate at once, so no activation outlives its layer (the memory-lean mode)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ._rng import replayed_rng
+from .contexts import parameters_frozen
+
+if TYPE_CHECKING:
+    from .step import GuessingStep
+
+__all__ = ["replay"]
+
+
+def replay(step: GuessingStep) -> dict[int, Tensor]:
+    """Run the model again on the step's saved inputs, with the generator and global RNG states of its forward (so
+    the guesses and dropout masks are the same), in replay mode: each guess point adds its estimate to the replay's
+    ``grads`` as soon as it is called. Buffers the forward updates (running statistics) and every generator are put
+    back as they were before the replay.
+
+    Returns:
+        ``{id(parameter): estimate}``.
+    """
+    from .step import GuessingStep
+
+    handle, saved = step.handle, step.saved
+    model = handle.model
+    again = GuessingStep(handle, batch=step.batch, graph=step.graph, trainable=step.trainable, replaying=True)
+    again.d, again.grad_rep = step.d, step.grad_rep
+    trainable = [p for p in model.parameters() if id(p) in step.trainable]
+    needs_graph = handle.estimator.needs is not None or handle.exact_head
+    buffers = [b.detach().clone() for b in model.buffers()]  # the user's forward already updated them
+    try:
+        # the same attention kernel as the first forward, so attention dropout draws the same masks
+        with handle.generators_at(saved["generators"]), replayed_rng(saved["rng"]), \
+                parameters_frozen(model, trainable), sdpa_kernel([SDPBackend.MATH]):
+            if again.graph is None and needs_graph:
+                again.graph = handle.graphs.get(saved["args"], saved["kwargs"])
+                again.graph_uses = handle.graphs.uses(again.graph, handle.guess_points, handle.exact_head)
+            handle._step = again
+            again.draw_raw_tangents()
+            model(*saved["args"], **saved["kwargs"])
+    finally:
+        handle._step = None
+        with torch.no_grad():
+            for b, value in zip(model.buffers(), buffers, strict=True):
+                b.copy_(value)
+    return again.grads

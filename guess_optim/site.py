@@ -1,0 +1,186 @@
+"""The guess point an estimator draws a guess for: its output, the generator, and the graph around it.
+
+A structured guess (paper §2.1–2.2) is a random cotangent at some *targets* downstream of the guess point, pulled back
+to the guess point's output by a vector-Jacobian product through the parameter-free ops in between (and, for ``wt``,
+through the next module). :class:`Site` builds those targets and pullbacks from the discovered graph
+(:mod:`guess_optim.graph`); an estimator only chooses the cotangents' law and the targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .contexts import own_autograd
+from .graph import BOUNDARY, Edge, Graph
+from .local_grad import power_singular_values
+
+__all__ = ["Site"]
+
+Pullback = Callable[[Iterable[Tensor]], Tensor]
+
+
+class Site:
+    """One call of a guess point, as an estimator sees it.
+
+    Attributes:
+        output: the guess point's output (its values, detached), ``[N, *S]`` with ``N = num_guesses x batch``.
+        generator: the handle's private generator on the output's device (never use the global RNG).
+        num_guesses: ``K``: the rows are ``K`` blocks of the batch.
+        module: the guess point's module. ``name``: its qualified name in the model.
+        edges: the edges to the next modules (empty for the output layer: no next module).
+    """
+
+    def __init__(self, output: Tensor, generator: torch.Generator, num_guesses: int, module: nn.Module, name: str,
+                 edges: list[Edge], graph: Graph | None, internal: Callable[[], AbstractContextManager],
+                 streamed: bool = False):
+        self.output = output
+        self.generator = generator
+        self.num_guesses = num_guesses
+        self.module = module
+        self.name = name
+        self.edges = edges
+        self._graph = graph
+        self._internal = internal
+        self._streamed = streamed  # store="recompute": keep one edge's replayed values alive at a time
+
+    @property
+    def has_next(self) -> bool:
+        """Whether the output reaches another guess point's module (``False`` for the output layer)."""
+        return bool(self.edges)
+
+    # --------------------------------------------------------------------------------------------------- targets
+    def next_outputs(self, power: float = 1.0) -> tuple[list[Tensor], Pullback]:
+        """Targets at the next modules' outputs ``s_{i+1}`` and the pullback ``ε ↦ J_bᵀ W_{i+1}ᵀ ε`` (paper §2.1).
+
+        Args:
+            power: use ``U diag(S^p) Vᵀ`` of each next Linear's weight instead of the weight (paper Fig. 4).
+
+        Returns:
+            ``(targets, pullback)``: the targets' shapes are the next modules' outputs (only shapes and dtypes are
+            meaningful), and the pullback maps one cotangent per target (drawn lazily, in order) to ``[N, *S]``.
+        """
+        if self._streamed:
+            streamed = self._streamed_next_outputs(power)
+            if streamed is not None:
+                return streamed
+        return self._pulled_back("next", power=power)
+
+    def post_activations(self) -> tuple[list[Tensor], Pullback]:
+        """Targets at the post-activations ``x_{i+1}`` feeding the next modules (their values: a mixing guess combines
+        them) and the pullback through the parameter-free ops (for ReLU, the activation mask; paper §2.2)."""
+        return self._pulled_back("post")
+
+    def downstream(self, layers: int) -> tuple[list[Tensor], Pullback]:
+        """Targets at the post-activations ``layers`` modules downstream and the pullback through that segment
+        (paper §2.1, "partial backpropagation")."""
+        return self._pulled_back("downstream", layers=layers)
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _pulled_back(self, target: str, *, power: float = 1.0, layers: int = 1) -> tuple[list[Tensor], Pullback]:
+        primal = self.output
+        leaf = primal.detach().requires_grad_(True)
+        with self._internal(), own_autograd():
+            outputs, lifts = self._targets(leaf, target, power, layers)
+        # A target whose lift is a weight W stands for F.linear(x, W): its VJP is ε @ W, so the next layer's forward
+        # is never computed for Wᵀ guesses (one matmul, not two).
+        targets = [o.detach() if w is None else o.new_empty(()).expand(*o.shape[:-1], w.shape[0])
+                   for o, w in zip(outputs, lifts, strict=True)]
+
+        def pullback(cotangents: Iterable[Tensor]) -> Tensor:
+            # One summed cotangent per distinct replayed tensor (q, k and v read one LayerNorm output), built as the
+            # cotangents are drawn: a prompt's next modules are every layer's projections, whose ε would not fit.
+            summed: dict[int, list] = {}
+            for o, w, c in zip(outputs, lifts, cotangents, strict=True):
+                c = c if w is None else c @ w
+                entry = summed.get(id(o))
+                if entry is None:
+                    summed[id(o)] = [o, c]
+                else:
+                    entry[1] = entry[1] + c
+            with own_autograd():
+                (g,) = torch.autograd.grad([o for o, _ in summed.values()], leaf, [c for _, c in summed.values()],
+                                           allow_unused=True)
+            return torch.zeros_like(primal) if g is None else g
+
+        return targets, pullback
+
+    def _targets(self, s: Tensor, target: str, power: float, layers: int) -> tuple[list[Tensor], list[Any]]:
+        """What the guess is pulled back from, as differentiable functions of ``s``: the outputs and, per output,
+        ``None`` or a weight ``W`` (the target is then ``F.linear(output, W)``: a Linear next module, whose forward is
+        not needed for a VJP)."""
+        out, lifts = [], []
+        memo: dict[int, Tensor] = {}  # the edges' chains share their prefixes (a residual stream)
+        for edge in self.edges:
+            x = edge.chain(s, memo)
+            if target == "post":
+                out.append(x)
+                lifts.append(None)
+            elif target == "next" and type(edge.consumer) is nn.Linear:
+                w = edge.consumer.weight.detach()
+                out.append(x)
+                lifts.append(w if power == 1.0 else power_singular_values(w, power))
+            elif target == "next":
+                out.append(edge.consumer(x))
+                lifts.append(None)
+            else:
+                y = self._downstream(edge.consumer, edge.consumer(x), layers)
+                out.extend(y)
+                lifts.extend([None] * len(y))
+        return out, lifts
+
+    def _downstream(self, module: nn.Module, y: Tensor, layers: int) -> list[Tensor]:
+        """Post-activations ``layers`` modules downstream of the guess point, given ``y`` = next module output."""
+        chains = []
+        for e in self._graph.edges.get(module, []):
+            if not any(c is e.chain or c.ops == e.chain.ops for c, _ in chains):
+                chains.append((e.chain, e))
+        if not chains:
+            return [y]
+        out = []
+        for chain, e in chains:
+            x = chain(y)
+            if layers <= 1 or e.consumer is BOUNDARY:
+                out.append(x)
+            else:
+                out.extend(self._downstream(e.consumer, e.consumer(x), layers - 1))
+        return out
+
+    def _streamed_next_outputs(self, power: float) -> tuple[list[Tensor], Pullback] | None:
+        """``next_outputs`` of ``store="recompute"`` when every next module is a Linear: each edge's chain is replayed,
+        given its summed cotangent ``Σ ε_j W_j`` and pulled back on its own, so only one edge's values are alive at a
+        time (a prompt's next modules are every layer's projections). Shared prefixes are replayed again per edge:
+        compute for memory. Same draws, in the same order, as :meth:`_pulled_back`. ``None``: not applicable."""
+        edges = self.edges
+        if any(type(e.consumer) is not nn.Linear or e.shape is None for e in edges):
+            return None
+        primal = self.output
+        lifts = [e.consumer.weight.detach() for e in edges]
+        if power != 1.0:
+            lifts = [power_singular_values(w, power) for w in lifts]
+        targets = [primal.new_empty((), dtype=e.dtype).expand(*e.shape[:-1], w.shape[0])
+                   for e, w in zip(edges, lifts, strict=True)]
+
+        def pullback(cotangents: Iterable[Tensor]) -> Tensor:
+            draws = iter(cotangents)
+            total = torch.zeros_like(primal)
+            i = 0
+            while i < len(edges):
+                chain, summed = edges[i].chain, None
+                while i < len(edges) and edges[i].chain is chain:  # q, k and v read one value
+                    c = next(draws) @ lifts[i]
+                    summed = c if summed is None else summed + c
+                    i += 1
+                leaf = primal.detach().requires_grad_(True)
+                with self._internal(), own_autograd():
+                    x = chain(leaf, {})
+                    (g,) = torch.autograd.grad(x, leaf, summed.to(x.dtype), allow_unused=True)
+                if g is not None:
+                    total += g
+            return total
+
+        return targets, pullback
