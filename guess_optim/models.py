@@ -111,10 +111,11 @@ class ConvNet(nn.Module):
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: object) -> nn.Module:
-    """Build a model by name for inputs of shape ``input_shape`` = ``(C, H, W)``.
+    """Build a model by name for inputs of shape ``input_shape``: ``(C, H, W)`` images or ``(C, L)`` sequences.
 
     Args:
-        name: One of ``MODELS``: "mlp" (``in_features = C * H * W``) or "convnet" (``in_channels = C``).
+        name: One of ``MODELS``: "mlp" (``in_features`` = the product of ``input_shape``, any shape) or "convnet"
+            (``in_channels = C``; images ``(C, H, W)`` only).
         input_shape: Shape of one input, without the batch dimension.
         num_classes: Number of outputs.
         **kwargs: Passed on to the model (e.g. ``depth``, ``width``, ``activation`` for "mlp").
@@ -133,6 +134,8 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
         return MLP(in_features, num_classes, **kwargs)
     if name == "convnet":
         if len(shape) != 3:
-            raise ValueError(f"convnet needs input_shape (C, H, W), got {shape}")
+            kind = "a 1-D dataset such as mnist1d, " if len(shape) == 2 else ""
+            raise ValueError(f"model 'convnet' is a 2-D ConvNet for images (C, H, W), but input_shape is {shape} "
+                             f"({kind}not an image); use model 'mlp' (--model mlp) instead")
         return ConvNet(shape[0], num_classes, **kwargs)
     raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
