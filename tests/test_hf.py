@@ -7,6 +7,7 @@ import copy
 import importlib
 import math
 import os
+import stat
 import sys
 
 import pytest
@@ -45,6 +46,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class Images(torch.utils.data.Dataset):
@@ -186,6 +193,8 @@ def test_logs_checkpoints_and_evaluation(run):
         assert (folder / f"{STATE_NAME}.pt").is_file() and (folder / "optimizer.pt").is_file()
         saved = torch.load(folder / f"{STATE_NAME}.pt", weights_only=True)
         assert saved["global_step"] == step and saved["handle"]["seed"] == 0
+        if os.name == "posix":  # an ordinary file's mode, not mkstemp's 0600
+            assert stat.S_IMODE(os.stat(folder / f"{STATE_NAME}.pt").st_mode) == 0o666 & ~current_umask()
     # evaluation runs the plain model: the Trainer's eval loss is the eval-mode, no-grad loss
     model = run["model"].eval()
     data = Images(8, seed=1)

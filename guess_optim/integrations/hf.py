@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from guess_optim import StableAdamW, attach, handle_of
+from guess_optim._io import atomic_write
 from guess_optim.diagnostics import gradient_cosine
 from guess_optim.guesses import get_method
 
@@ -103,19 +103,6 @@ def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _rng_state(tensors: list[Tensor]) -> dict[str, Any]:
@@ -400,11 +387,9 @@ class GuessedGradientCallback(TrainerCallback):
         rank, world = _world()
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        _atomic_torch_save(
-            {"handle": self.handle.state_dict(), "skipped_optimizer_steps": self.skipped_optimizer_steps,
-             "global_step": state.global_step, "method": self.method},
-            self.state_file(folder, rank, world),
-        )
+        saved = {"handle": self.handle.state_dict(), "skipped_optimizer_steps": self.skipped_optimizer_steps,
+                 "global_step": state.global_step, "method": self.method}
+        atomic_write(self.state_file(folder, rank, world), lambda f: torch.save(saved, f))
         return control
 
     def _restore(self, args, state) -> None:

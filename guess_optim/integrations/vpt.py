@@ -34,7 +34,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guess_optim import PromptTokens
+from guess_optim._io import atomic_write
 
 __all__ = ["VPTConfig", "VisualPromptTuning", "get_vpt_model", "vit_lora_target_modules"]
 
@@ -322,21 +322,13 @@ class VisualPromptTuning(nn.Module):
         path = os.fspath(path)
         names = set(self._saved_names())
         tensors = {n: t.detach().cpu().contiguous() for n, t in self.state_dict().items() if n in names}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            if path.endswith(".safetensors"):
-                from safetensors.torch import save_file
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save
 
-                save_file(tensors, tmp, metadata=self._metadata())
-            else:
-                torch.save({"state_dict": tensors, "metadata": self._metadata()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+            data = save(tensors, metadata=self._metadata())
+            atomic_write(path, lambda f: f.write(data))
+        else:
+            atomic_write(path, lambda f: torch.save({"state_dict": tensors, "metadata": self._metadata()}, f))
 
     def load_prompts(self, path: str | os.PathLike) -> None:
         """Load prompts and head saved by :meth:`save_prompts` into this model (the backbone is untouched).
