@@ -231,6 +231,17 @@ def test_resume_matches_uninterrupted_run(run, tmp_path):
                                                         strict=True))
 
 
+def test_cosine_reference_replays_the_dropout_masks(tmp_path):
+    """The cosine's backprop reference replays each micro-batch under the global RNG state captured at its forward
+    (guess_optim._rng): with method="backprop" and prompt dropout the estimate is the reference, cosine 1."""
+    model = VisualPromptTuning(tiny_vit(), VPTConfig(num_prompt_tokens=2, deep=True, prompt_dropout=0.5))
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=Images(),
+                      callbacks=[GuessedGradientCallback("backprop", log_cosine_every=1)])
+    trainer.train()
+    cosines = [h["guess_cosine"] for h in trainer.state.log_history if "guess_cosine" in h]
+    assert len(cosines) == 2 and all(c == pytest.approx(1.0, abs=1e-6) for c in cosines)
+
+
 def test_clipping_and_stable_adamw(tmp_path):
     spy = Spy()
     trainer = GuessedGradientTrainer(model=vpt_model(), args=arguments(tmp_path, max_steps=2, max_grad_norm=0.05),

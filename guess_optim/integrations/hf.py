@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from guess_optim import StableAdamW, attach, handle_of
 from guess_optim._io import atomic_write
+from guess_optim._rng import capture_rng, cuda_devices, replayed_rng
 from guess_optim.diagnostics import gradient_cosine
 from guess_optim.guesses import get_method
 
@@ -103,25 +104,6 @@ def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _rng_state(tensors: list[Tensor]) -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-    if cuda:
-        state["cuda"] = {i: torch.cuda.get_rng_state(i) for i in cuda}
-    return state
-
-
-@contextlib.contextmanager
-def _replayed_rng(state: dict[str, Any]):
-    """Run with the global RNG as it was in ``state`` (same dropout masks), then put it back as it is now."""
-    cuda = state.get("cuda", {})
-    with torch.random.fork_rng(devices=list(cuda)):
-        torch.set_rng_state(state["cpu"])
-        for i, s in cuda.items():
-            torch.cuda.set_rng_state(s, i)
-        yield
 
 
 class GuessedGradientCallback(TrainerCallback):
@@ -274,7 +256,7 @@ class GuessedGradientCallback(TrainerCallback):
                 or torch.is_inference_mode_enabled() or (self.handle is not None and self.handle.in_internal_forward)):
             return None
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
-        self._records.append((args, dict(kwargs), _rng_state(tensors)))
+        self._records.append((args, dict(kwargs), capture_rng(cuda_devices(tensors))))
         return None
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -332,7 +314,7 @@ class GuessedGradientCallback(TrainerCallback):
         self._replaying = True
         try:
             for fargs, fkwargs, rng in self._records:
-                with _replayed_rng(rng), self.handle.paused(), torch.enable_grad():
+                with replayed_rng(rng), self.handle.paused(), torch.enable_grad():
                     out = model(*fargs, **fkwargs)
                     loss = out["loss"] if isinstance(out, dict) else out[0]
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
