@@ -24,17 +24,19 @@ def check_int(name: str, value: Any, *, low: int = 0, none_ok: bool = False) -> 
 
 
 def check_float(name: str, value: Any, *, low: float | None = None, strict: bool = False,
-                high: float | None = None) -> float:
-    """``value`` as a finite float, ``> low`` (``strict``) or ``>= low``, and ``<= high``.
+                high: float | None = None, high_strict: bool = False) -> float:
+    """``value`` as a finite float, ``> low`` (``strict``) or ``>= low``, and ``< high`` (``high_strict``) or
+    ``<= high``.
 
     Raises:
         ValueError: not a finite real number in the range.
     """
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low is None or (value > low if strict else value >= low)) and (high is None or value <= high)
+    ok = ok and (low is None or (value > low if strict else value >= low))
+    ok = ok and (high is None or (value < high if high_strict else value <= high))
     if not ok:
         bounds = [] if low is None else [f"{'>' if strict else '>='} {low:g}"]
-        bounds += [] if high is None else [f"<= {high:g}"]
+        bounds += [] if high is None else [f"{'<' if high_strict else '<='} {high:g}"]
         raise ValueError(f"Invalid {name}: {value!r}; expected a finite number" + (f" {' and '.join(bounds)}"
                                                                                     if bounds else ""))
     return float(value)

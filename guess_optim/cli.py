@@ -9,12 +9,11 @@ batch (paper §3, Fig. 1). Both can write their results as JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from ._checks import check_float, check_int
 from ._io import write_json
 from .data import DATASETS, load_dataset, make_loaders
 from .diagnostics import cosine_similarity
@@ -87,32 +87,30 @@ def build_optimizer(
 
 
 # ------------------------------------------------------------------------------------------------- argument types
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
-        return value
+def _checked(convert: type, check: Callable[..., Any], name: str, **bounds: Any) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``convert`` the text, then validate it with ``check(name, value, **bounds)`` from
+    :mod:`guess_optim._checks` (its message, which names the value, becomes argparse's error)."""
 
-    parse.__name__ = f"int>={low}"
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {convert.__name__} value: {text!r}") from None
+        try:
+            return check(name, value, **bounds)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = convert.__name__
     return parse
 
 
-def _float_at_least(low: float, *, strict: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be a finite float {'>' if strict else '>='} {low}, got {text}")
-        return value
+def _int_arg(name: str, low: int) -> Callable[[str], int]:
+    return _checked(int, check_int, name, low=low)
 
-    parse.__name__ = "float"
-    return parse
+
+def _float_arg(name: str, low: float, *, strict: bool = False) -> Callable[[str], float]:
+    return _checked(float, check_float, name, low=low, strict=strict)
 
 
 def _method_list(text: str) -> list[str]:
@@ -134,20 +132,20 @@ def _add_model_args(p: argparse.ArgumentParser, *, depth: int, width: int) -> No
     )
     p.add_argument("--data-dir", default=None, help="root of the torchvision datasets")
     p.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
-    p.add_argument("--depth", type=_int_at_least(1), default=depth, help="MLP linear layers (default: %(default)s)")
-    p.add_argument("--width", type=_int_at_least(1), default=width, help="MLP hidden units (default: %(default)s)")
+    p.add_argument("--depth", type=_int_arg("depth", 1), default=depth, help="MLP linear layers (default: %(default)s)")
+    p.add_argument("--width", type=_int_arg("width", 1), default=width, help="MLP hidden units (default: %(default)s)")
     p.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu", help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=128, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_arg("batch_size", 1), default=128, help="(default: %(default)s)")
     p.add_argument(
         "--seed",
-        type=_int_at_least(0),
+        type=_int_arg("seed", 0),
         default=0,
         help="seeds model init; shuffling and guess seeds are derived from it (default: %(default)s)",
     )
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument(
         "--threads",
-        type=_int_at_least(1),
+        type=_int_arg("threads", 1),
         default=None,
         metavar="N",
         help="torch.set_num_threads(N) for CPU runs, e.g. 1 when running several at once (default: torch's)",
@@ -179,17 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", choices=MODELS, default="mlp", help="(default: %(default)s)")
     _add_model_args(t, depth=3, width=128)
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(default: %(default)s)")
-    t.add_argument("--lr", type=_float_at_least(0.0, strict=True), default=1e-3, help="(default: %(default)s)")
-    t.add_argument("--momentum", type=_float_at_least(0.0), default=0.0, help="SGD momentum (default: %(default)s)")
-    t.add_argument("--weight-decay", type=_float_at_least(0.0), default=0.0, help="(default: %(default)s)")
-    t.add_argument("--epochs", type=_int_at_least(1), default=DEFAULT_EPOCHS, help="(default: %(default)s)")
+    t.add_argument("--lr", type=_float_arg("lr", 0.0, strict=True), default=1e-3, help="(default: %(default)s)")
     t.add_argument(
-        "--num-guesses", type=_int_at_least(1), default=1, help="guesses averaged per step (default: %(default)s)"
+        "--momentum", type=_float_arg("momentum", 0.0), default=0.0, help="SGD momentum (default: %(default)s)"
+    )
+    t.add_argument("--weight-decay", type=_float_arg("weight_decay", 0.0), default=0.0, help="(default: %(default)s)")
+    t.add_argument("--epochs", type=_int_arg("epochs", 1), default=DEFAULT_EPOCHS, help="(default: %(default)s)")
+    t.add_argument(
+        "--num-guesses",
+        type=_int_arg("num_guesses", 1),
+        default=1,
+        help="guesses averaged per step (default: %(default)s)",
     )
     t.add_argument("--exact-head", action="store_true", help="exact (local) gradient for the output layer")
     t.add_argument(
         "--track-cosine",
-        type=_int_at_least(0),
+        type=_int_arg("track_cosine", 0),
         default=10,
         metavar="N",
         help="every N steps, cosine of the estimate to the backprop gradient; 0 turns it off (default: %(default)s)",
@@ -216,13 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c, depth=6, width=1024)
     c.add_argument(
         "--lr",
-        type=_float_at_least(0.0, strict=True),
+        type=_float_arg("lr", 0.0, strict=True),
         default=1e-3,
         help="AdamW learning rate of the backprop trajectory (default: %(default)s)",
     )
-    c.add_argument("--steps", type=_int_at_least(1), default=200, help="backprop steps (default: %(default)s)")
+    c.add_argument("--steps", type=_int_arg("steps", 1), default=200, help="backprop steps (default: %(default)s)")
     c.add_argument(
-        "--every", type=_int_at_least(1), default=10, help="measure at steps 0, N, 2N, ... (default: %(default)s)"
+        "--every", type=_int_arg("every", 1), default=10, help="measure at steps 0, N, 2N, ... (default: %(default)s)"
     )
     c.set_defaults(func=_cosine)
     return parser

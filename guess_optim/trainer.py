@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ._checks import check_int
 from ._io import atomic_write
 from .diagnostics import backprop_gradient, gradient_cosine, read_grads
 from .engine import attach
@@ -115,10 +116,8 @@ class GuessedGradientTrainer:
         **attach_kwargs: Any,
     ) -> None:
         get_method(method)  # unknown method: the registry's ValueError, before anything else
-        if isinstance(track_cosine, bool) or not isinstance(track_cosine, int) or track_cosine < 0:
-            raise ValueError(f"Invalid track_cosine: {track_cosine!r}; expected an int >= 0 (0 turns it off)")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Invalid seed: {seed!r}; expected an int >= 0")
+        track_cosine = check_int("track_cosine", track_cosine, low=0)
+        seed = check_int("seed", seed, low=0)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.device = torch.device(device)
@@ -174,8 +173,7 @@ class GuessedGradientTrainer:
                 written for another method.
             FileNotFoundError: ``resume=True`` and ``checkpoint_dir/last.pt`` does not exist.
         """
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"Invalid epochs: {epochs!r}; expected an int >= 1")
+        epochs = check_int("epochs", epochs, low=1)
         if resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir= (the directory that holds last.pt)")
         checkpoint = self._read_checkpoint() if resume else None

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from guess_optim import StableAdamW, attach, handle_of
+from guess_optim._checks import check_int
 from guess_optim._io import atomic_write
 from guess_optim._rng import capture_rng, cuda_devices, replayed_rng
 from guess_optim.diagnostics import gradient_cosine
@@ -163,11 +164,8 @@ class GuessedGradientCallback(TrainerCallback):
         **attach_kwargs: Any,
     ):
         get_method(method)  # ValueError for an unknown method, before any training starts
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"Invalid seed: {seed!r}; expected a non-negative int or None")
-        n = log_cosine_every
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"Invalid log_cosine_every: {n!r}; expected an int >= 0 (0 disables it)")
+        seed = check_int("seed", seed, low=0, none_ok=True)
+        n = check_int("log_cosine_every", log_cosine_every, low=0)
         if head is not None and head_fn is not None:
             raise ValueError("pass either head= or head_fn=, not both")
         for key in ("model", "method", "seed", "head"):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from .. import __version__
+from .._checks import check_choice, check_float, check_int
 from .._io import json_safe, write_json
 from ..data import DATASETS, DatasetSplits, load_dataset, make_loaders
 from ..diagnostics import backprop_gradient, gradient_cosine, read_grads
@@ -81,8 +82,8 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+def _check_list(name: str, value: Any, expected: str) -> None:
+    _check(isinstance(value, tuple) and len(value) > 0, name, value, f"a non-empty list of {expected}")
 
 
 @dataclass
@@ -103,24 +104,21 @@ class BaseConfig:
             self.data_dir = os.fspath(self.data_dir)  # kept as a string so the config stays JSON-ready
         _check(self.data_dir is None or isinstance(self.data_dir, str), "data_dir", self.data_dir, "a path or None")
         self.check_positive("batch_size")
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an int >= 0")
+        check_int("seed", self.seed, low=0)
 
     # ------------------------------------------------------------------------------------------- validators
     def check_positive(self, *names: str, kind: type = int) -> None:
         """Every named field is an ``int >= 1`` (``kind=int``) or a finite float ``> 0`` (``kind=float``)."""
         for n in names:
-            v = getattr(self, n)
             if kind is int:
-                _check(_is_int(v) and v >= 1, n, v, "an int >= 1")
+                check_int(n, getattr(self, n), low=1)
             else:
-                _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
-                       n, v, "a finite number > 0")
+                check_float(n, getattr(self, n), low=0.0, strict=True)
 
     def check_nonneg(self, *names: str) -> None:
         """Every named field is an ``int >= 0``."""
         for n in names:
-            v = getattr(self, n)
-            _check(_is_int(v) and v >= 0, n, v, "an int >= 0")
+            check_int(n, getattr(self, n), low=0)
 
     def check_methods(self, name: str, allowed: Sequence[str] = tuple(METHODS)) -> None:
         """Field ``name`` is a non-empty tuple of distinct method names from ``allowed``."""
@@ -128,27 +126,30 @@ class BaseConfig:
         _check(isinstance(v, tuple) and len(v) > 0 and len(set(v)) == len(v) and all(m in allowed for m in v),
                name, v, f"distinct names from {', '.join(allowed)}")
 
-    def check_floats(self, name: str, *, positive: bool = True, low: float | None = None,
-                     high: float | None = None) -> None:
-        """Field ``name`` is a non-empty tuple of finite floats (``> 0`` if ``positive``; within ``[low, high]``)."""
+    def check_floats(self, name: str) -> None:
+        """Field ``name`` is a non-empty tuple of finite floats ``> 0``."""
         v = getattr(self, name)
-        ok = isinstance(v, tuple) and len(v) > 0 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
-        ok = ok and (not positive or all(x > 0 for x in v))
-        ok = ok and (low is None or all(x >= low for x in v)) and (high is None or all(x <= high for x in v))
-        rng = "" if low is None and high is None else f" in [{low}, {high}]"
-        _check(ok, name, v, f"a non-empty list of finite numbers{' > 0' if positive else ''}{rng}")
+        _check_list(name, v, "finite numbers > 0")
+        for i, x in enumerate(v):
+            check_float(f"{name}[{i}]", x, low=0.0, strict=True)
 
     def check_ints(self, name: str, low: int = 1) -> None:
         """Field ``name`` is a non-empty tuple of ints ``>= low``."""
         v = getattr(self, name)
-        _check(isinstance(v, tuple) and len(v) > 0 and all(_is_int(x) and x >= low for x in v),
-               name, v, f"a non-empty list of ints >= {low}")
+        _check_list(name, v, f"ints >= {low}")
+        for i, x in enumerate(v):
+            check_int(f"{name}[{i}]", x, low=low)
 
     def check_choice(self, name: str, choices: Sequence[str]) -> None:
         """Field ``name`` is one of ``choices``."""
+        check_choice(name, getattr(self, name), choices)
+
+    def check_choices(self, name: str, choices: Sequence[str]) -> None:
+        """Field ``name`` is a non-empty tuple of values from ``choices``."""
         v = getattr(self, name)
-        _check(v in choices, name, v, f"one of {', '.join(choices)}")
+        _check_list(name, v, f"names from {', '.join(choices)}")
+        for x in v:
+            check_choice(name, x, choices)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_float
 from ..diagnostics import backprop_gradient, gradient_cosine, read_grads
 from ..engine import attach
 from ._common import (
@@ -87,10 +88,8 @@ def matched_cosine_guess(
     Raises:
         ValueError: ``cos_theta`` outside ``(0, 1]`` or an unknown ``scale``.
     """
-    if isinstance(cos_theta, bool) or not isinstance(cos_theta, (int, float)) or not 0 < cos_theta <= 1:
-        raise ValueError(f"Invalid cos_theta: {cos_theta!r}; expected a float in (0, 1]")
-    if scale not in ("projection", "norm"):
-        raise ValueError(f"Invalid scale: {scale!r}; expected 'projection' or 'norm'")
+    check_float("cos_theta", cos_theta, low=0.0, strict=True, high=1.0)
+    check_choice("scale", scale, ("projection", "norm"))
     names = list(grad)
     g = torch.cat([grad[n].detach().double().flatten() for n in names])
     norm = torch.linalg.vector_norm(g)
@@ -152,10 +151,9 @@ class BiasConfig(DatasetConfig):
         self.check_positive("lr", "sgd_lr", kind=float)
         self.check_methods("methods", GUESSED_METHODS)
         self.check_choice("scale", ("projection", "norm"))
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise ValueError(f"Invalid momentum: {self.momentum!r}; expected a float in [0, 1)")
-        if self.cos_theta is not None and not (isinstance(self.cos_theta, (int, float)) and 0 < self.cos_theta <= 1):
-            raise ValueError(f"Invalid cos_theta: {self.cos_theta!r}; expected None or a float in (0, 1]")
+        check_float("momentum", self.momentum, low=0.0, high=1.0, high_strict=True)
+        if self.cos_theta is not None:
+            check_float("cos_theta", self.cos_theta, low=0.0, strict=True, high=1.0)
 
 
 def _averaged_estimate(model: nn.Module, method: str, batch: tuple[Tensor, Tensor], n: int, chunk: int,

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_int
 from .bias import BiasConfig, run_bias
 from .cosine import CosineConfig, run_cosine
 from .downstream import DownstreamDepthConfig, run_downstream_depth
@@ -163,8 +164,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         config = exp.config(**values)
     except ValueError as err:
         parser.error(f"{ns.experiment}: {err}")
-    if ns.threads < 1:
-        parser.error(f"{ns.experiment}: Invalid threads: {ns.threads!r}; expected an int >= 1")
+    try:
+        check_int("threads", ns.threads, low=1)
+    except ValueError as err:
+        parser.error(f"{ns.experiment}: {err}")
     torch.set_num_threads(ns.threads)
     record = exp.run(config, out_dir=ns.out_dir, progress=ns.progress)
     print(f"{ns.experiment}: {record['seconds']:.1f} s; wrote {', '.join(record.get('files', []))}", file=sys.stdout)

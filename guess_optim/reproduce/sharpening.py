@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from .._checks import check_float
+from ..estimators import get_estimator
 from ._common import (
     OPTIMIZERS,
     DatasetConfig,
@@ -36,6 +38,9 @@ from ._common import (
 )
 
 __all__ = ["SelfSharpeningConfig", "run_self_sharpening"]
+
+SELF_SHARPENING = "self-sharpening"
+"""The method this experiment is about (paper §3, A.4), run with each of ``distributions``."""
 
 
 @dataclass
@@ -62,11 +67,14 @@ class SelfSharpeningConfig(DatasetConfig):
         self.check_positive("lr", kind=float)
         self.check_floats("powers")
         self.check_choice("optimizer", OPTIMIZERS)
-        laws = ("uniform", "symmetric-uniform", "normal")
-        if not (isinstance(self.distributions, tuple) and all(d in laws for d in self.distributions)):
-            raise ValueError(f"Invalid distributions: {self.distributions!r}; expected names from {', '.join(laws)}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"Invalid weight_decay: {self.weight_decay!r}; expected a number >= 0")
+        if not isinstance(self.distributions, tuple):
+            raise ValueError(f"Invalid distributions: {self.distributions!r}; expected a list of guess laws")
+        for law in self.distributions:  # the method validates its own option
+            try:
+                get_estimator(SELF_SHARPENING)(distribution=law)
+            except ValueError as err:
+                raise ValueError(f"Invalid distributions: {law!r} ({err})") from None
+        check_float("weight_decay", self.weight_decay, low=0.0)
 
 
 def _ranks(model: nn.Module) -> list[float]:
@@ -87,7 +95,7 @@ def run_self_sharpening(config: SelfSharpeningConfig, *, out_dir: str | os.PathL
     started = time.perf_counter()
     splits = load(config)
     variants = [(f"wt p={p:g}", "wt", {"wt_power": float(p)}) for p in config.powers]
-    variants += [(f"self-sharpening {d}", "self-sharpening", {"distribution": d}) for d in config.distributions]
+    variants += [(f"{SELF_SHARPENING} {d}", SELF_SHARPENING, {"distribution": d}) for d in config.distributions]
     runs: dict[str, Any] = {}
     for name, method, kwargs in variants:
         per_seed = []

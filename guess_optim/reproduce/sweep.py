@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .._checks import check_float
 from ..guesses import METHODS
 from ._common import (
     METHOD_COLORS,
@@ -50,11 +51,8 @@ class SweepConfig(DatasetConfig):
         self.check_positive("depth", "width", "epochs")
         self.check_methods("methods")
         self.check_floats("lrs")
-        if not (isinstance(self.optimizers, tuple) and self.optimizers
-                and all(o in OPTIMIZERS for o in self.optimizers)):
-            raise ValueError(f"Invalid optimizers: {self.optimizers!r}; expected names from {', '.join(OPTIMIZERS)}")
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise ValueError(f"Invalid momentum: {self.momentum!r}; expected a float in [0, 1)")
+        self.check_choices("optimizers", OPTIMIZERS)
+        check_float("momentum", self.momentum, low=0.0, high=1.0, high_strict=True)
 
 
 def run_sweep(config: SweepConfig, *, out_dir: str | os.PathLike | None = None,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_float, check_int
 from ..data import DATASETS
 from ..guesses import METHODS as ALL_METHODS
 from ._common import (
@@ -59,14 +60,14 @@ class Table1Config(BaseConfig):
         self.check_methods("methods")
         self.check_choice("optimizer", OPTIMIZERS)
         self.check_choice("self_sharpening_optimizer", OPTIMIZERS)
-        if not (isinstance(self.datasets, tuple) and self.datasets and all(d in DATASETS for d in self.datasets)):
-            raise ValueError(f"Invalid datasets: {self.datasets!r}; expected names from {', '.join(DATASETS)}")
-        if not (isinstance(self.configs, tuple) and self.configs and all(
-                isinstance(c, tuple) and len(c) == 2 and all(isinstance(v, int) and v >= 1 for v in c)
-                for c in self.configs)):
+        self.check_choices("datasets", DATASETS)
+        if not (isinstance(self.configs, tuple) and self.configs
+                and all(isinstance(c, tuple) and len(c) == 2 for c in self.configs)):
             raise ValueError(f"Invalid configs: {self.configs!r}; expected depth x width pairs such as 3x128,6x128")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"Invalid weight_decay: {self.weight_decay!r}; expected a number >= 0")
+        for depth, width in self.configs:
+            check_int("configs (depth)", depth, low=1)
+            check_int("configs (width)", width, low=1)
+        check_float("weight_decay", self.weight_decay, low=0.0)
 
 
 def run_table1(config: Table1Config, *, out_dir: str | os.PathLike | None = None,
