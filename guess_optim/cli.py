@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,11 +27,11 @@ from .data import DATASETS, load_dataset, make_loaders
 from .diagnostics import cosine_similarity
 from .guesses import METHODS
 from .models import ACTIVATIONS, MODELS, build_model
+from .optim import OPTIMIZERS, build_optimizer
 from .trainer import GuessedGradientTrainer
 
 __all__ = ["DEFAULT_EPOCHS", "OPTIMIZERS", "build_optimizer", "derive_seeds", "main"]
 
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adam", "stable-adamw")
 DEFAULT_EPOCHS = 20
 """Default ``--epochs`` of ``train``: about 10 s for ``wt`` on ``mnist-5k`` (3 x 128 MLP) on 2 CPU cores."""
 SPLIT_SEED = 0  # the mnist-5k/digits train/test split is fixed, whatever --seed is
@@ -52,38 +52,6 @@ def derive_seeds(seed: int) -> dict[str, int]:
 def _sub_seed(*keys: int) -> int:
     """A seed in ``[0, 2**63)`` derived from ``keys`` (e.g. a distinct guess seed per measurement and method)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def build_optimizer(
-    name: str, params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
-) -> torch.optim.Optimizer:
-    """Build one of :data:`OPTIMIZERS` (``stable-adamw`` is :class:`guess_optim.optim.StableAdamW`, imported lazily).
-
-    Args:
-        name: ``"adamw"``, ``"sgd"``, ``"adam"`` or ``"stable-adamw"``.
-        params: the parameters to optimize.
-        lr: learning rate.
-        momentum: SGD momentum (ignored by the others). (default: 0.0)
-        weight_decay: decoupled (AdamW, StableAdamW) or L2 (SGD, Adam) weight decay. (default: 0.0)
-
-    Raises:
-        ValueError: unknown ``name``.
-        ImportError: ``stable-adamw`` while :mod:`guess_optim.optim` has no ``StableAdamW``.
-    """
-    params = list(params)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "stable-adamw":
-        try:
-            from .optim import StableAdamW
-        except ImportError as err:
-            raise ImportError("StableAdamW is not available in this version of guess_optim.optim") from err
-        return StableAdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"Invalid optimizer: {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
 # ------------------------------------------------------------------------------------------------- argument types

@@ -256,6 +256,18 @@ def test_clipping_and_stable_adamw(tmp_path):
         assert norm <= 0.05 * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_guess_optimizer_comes_from_the_factory_with_the_trainers_groups(tmp_path, name):
+    args = arguments(tmp_path, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-7)
+    trainer = GuessedGradientTrainer(model=vpt_model(), args=args, train_dataset=Images(), guess_optimizer=name)
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.1]  # none on biases and norms
+    assert optimizer.defaults["lr"] == 1e-2
+    if name == "adamw":
+        assert optimizer.defaults["betas"] == (0.8, 0.9) and optimizer.defaults["eps"] == 1e-7
+
+
 def test_non_finite_micro_batch_drops_the_optimizer_step(tmp_path):
     """NaN pixels in the first micro-batch of step 2: its estimate is skipped by the engine and the callback drops the
     whole step (the other micro-batch's estimate is not applied); the optimizer state does not advance."""

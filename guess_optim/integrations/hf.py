@@ -52,12 +52,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from guess_optim import StableAdamW, attach, handle_of
-from guess_optim._checks import check_int
+from guess_optim import attach, handle_of
+from guess_optim._checks import check_choice, check_int
 from guess_optim._io import atomic_write
 from guess_optim._rng import capture_rng, cuda_devices, replayed_rng
 from guess_optim.diagnostics import gradient_cosine
 from guess_optim.guesses import get_method
+from guess_optim.optim import OPTIMIZERS, optimizer_cls_and_kwargs
 
 try:
     import transformers
@@ -73,8 +74,9 @@ __all__ = ["GUESS_OPTIMIZERS", "STATE_NAME", "GuessedGradientCallback", "Guessed
 STATE_NAME = "guess_optim_state"
 """Stem of the file the callback writes into each checkpoint folder (``.pt``; ``_rank{r}.pt`` when distributed)."""
 
-GUESS_OPTIMIZERS: tuple[str, ...] = ("stable-adamw",)
-"""Values of ``GuessedGradientTrainer(guess_optimizer=...)`` besides ``None`` (the Trainer's ``args.optim``)."""
+GUESS_OPTIMIZERS: tuple[str, ...] = OPTIMIZERS
+"""Values of ``guess_optimizer=`` besides ``None`` (the Trainer's ``args.optim``): :data:`guess_optim.optim.OPTIMIZERS`,
+built by :func:`guess_optim.optim.optimizer_cls_and_kwargs`."""
 
 _HEAD_NAMES = ("classifier", "score")
 
@@ -401,17 +403,19 @@ class GuessedGradientTrainer(Trainer):
 
     Compared with ``Trainer(..., callbacks=[GuessedGradientCallback(...)])`` it also puts the guess metrics into
     every training log before the reporting integrations see it, restores the guess state from exactly the
-    checkpoint passed to ``train(resume_from_checkpoint=...)``, and offers :class:`~guess_optim.StableAdamW`.
+    checkpoint passed to ``train(resume_from_checkpoint=...)``, and builds any optimizer of
+    :data:`guess_optim.optim.OPTIMIZERS` by name (``guess_optimizer=``).
 
     Args:
         *args: the ``Trainer``'s positional arguments.
         guess_method: the guessing method (``"backprop"`` trains exactly like the plain Trainer). (default: ``"wt"``)
         guess_kwargs: keyword arguments of :class:`GuessedGradientCallback` (``seed``, ``log_cosine_every``,
             ``head``, ``head_fn``, and :func:`guess_optim.attach`'s options). (default: ``None``)
-        guess_optimizer: ``"stable-adamw"`` builds :class:`~guess_optim.StableAdamW` with the Trainer's parameter
-            groups (no weight decay on biases and norms), ``lr=args.learning_rate``,
-            ``betas=(args.adam_beta1, args.adam_beta2)``, ``eps=args.adam_epsilon`` and ``args.weight_decay``;
-            ``None`` keeps ``args.optim``. (default: ``None``)
+        guess_optimizer: a name of :data:`guess_optim.optim.OPTIMIZERS` (``"stable-adamw"`` is
+            :class:`~guess_optim.StableAdamW`), built by :func:`guess_optim.optim.optimizer_cls_and_kwargs` with the
+            Trainer's parameter groups (no weight decay on biases and norms), ``lr=args.learning_rate``,
+            ``args.weight_decay`` and, for the Adam family, ``betas=(args.adam_beta1, args.adam_beta2)`` and
+            ``eps=args.adam_epsilon``; ``None`` keeps ``args.optim``. (default: ``None``)
         **kwargs: the ``Trainer``'s keyword arguments (``callbacks`` are kept, after the guess callback).
 
     Attributes:
@@ -430,10 +434,7 @@ class GuessedGradientTrainer(Trainer):
         guess_optimizer: str | None = None,
         **kwargs: Any,
     ):
-        if guess_optimizer is not None and guess_optimizer not in GUESS_OPTIMIZERS:
-            raise ValueError(
-                f"Invalid guess_optimizer: {guess_optimizer!r}; expected None or one of {GUESS_OPTIMIZERS}"
-            )
+        check_choice("guess_optimizer", guess_optimizer, (None, *OPTIMIZERS))
         if guess_optimizer is not None and (
             kwargs.get("optimizer_cls_and_kwargs") is not None
             or any(o is not None for o in kwargs.get("optimizers", (None, None))[:1])
@@ -450,10 +451,11 @@ class GuessedGradientTrainer(Trainer):
         return self.guess_callback.handle
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
-        if self.guess_optimizer == "stable-adamw" and self.optimizer is None:
+        if self.guess_optimizer is not None and self.optimizer is None:
             a = self.args
-            self.optimizer_cls_and_kwargs = (
-                StableAdamW, {"lr": a.learning_rate, "betas": (a.adam_beta1, a.adam_beta2), "eps": a.adam_epsilon}
+            self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(
+                self.guess_optimizer, lr=a.learning_rate, weight_decay=a.weight_decay,
+                betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
             )
         return super().create_optimizer(*args, **kwargs)
 

@@ -33,7 +33,7 @@ from ..diagnostics import backprop_gradient, gradient_cosine, read_grads
 from ..engine import NonFiniteEstimateWarning, attach
 from ..guesses import METHODS
 from ..models import MLP
-from ..optim import StableAdamW
+from ..optim import OPTIMIZERS, build_optimizer
 
 __all__ = [
     "GUESSED_METHODS",
@@ -53,8 +53,8 @@ __all__ = [
     "figure",
     "finish",
     "load",
+    "build_optimizer",
     "make_mlp",
-    "make_optimizer",
     "mean_std",
     "train",
     "versions",
@@ -63,7 +63,6 @@ __all__ = [
 
 GUESSED_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "backprop")
 """Every method of the registry except the backprop oracle, in registry order."""
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "stable-adamw")
 
 Batch = tuple[Tensor, Tensor]
 Estimator = Callable[[nn.Module, Batch], Tensor]
@@ -180,18 +179,6 @@ def make_mlp(splits: DatasetSplits, depth: int, width: int, seed: int) -> MLP:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MLP(int(np.prod(splits.input_shape)), splits.num_classes, depth=depth, width=width)
-
-
-def make_optimizer(name: str, params: Any, lr: float, *, weight_decay: float = 0.0,
-                   momentum: float = 0.0) -> torch.optim.Optimizer:
-    """``"adamw"`` (torch AdamW), ``"sgd"`` (with ``momentum``) or ``"stable-adamw"`` (:class:`StableAdamW`)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "stable-adamw":
-        return StableAdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"Invalid optimizer: {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
 def batches(splits: DatasetSplits, batch_size: int, seed: int) -> Iterator[Batch]:

@@ -35,13 +35,13 @@ from ._common import (
     DatasetConfig,
     arg,
     batches,
+    build_optimizer,
     cross_entropy,
     derive_seed,
     figure,
     finish,
     load,
     make_mlp,
-    make_optimizer,
     mean_std,
     train,
 )
@@ -243,7 +243,7 @@ def run_bias(config: BiasConfig, *, out_dir: str | os.PathLike | None = None, pr
 
     def run(name: str, estimator: Any, optimizer: str, lr: float, momentum: float = 0.0, **kw: Any) -> dict:
         model = fresh()
-        opt = make_optimizer(optimizer, model.parameters(), lr, momentum=momentum)
+        opt = build_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum)
         log = train(model, estimator, splits, opt, steps=config.steps, batch_size=config.batch_size, seed=data_seed,
                     eval_every=config.eval_every, progress=progress, desc=f"bias: {name}", **kw)
         return {"steps": log.eval_steps, "train_acc": log.train_acc, "test_acc": log.test_acc,
@@ -258,7 +258,7 @@ def run_bias(config: BiasConfig, *, out_dir: str | os.PathLike | None = None, pr
         model = fresh()
         handle = attach(model, "wt", seed=derive_seed(config.seed, 6)) if biased else None
         try:
-            opt = make_optimizer(optimizer, model.parameters(), lr, momentum=momentum)
+            opt = build_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum)
             est = _oracle(cos_theta, derive_seed(config.seed, 7), biased, config.scale)
             log = train(model, est, splits, opt, steps=config.steps, batch_size=config.batch_size, seed=data_seed,
                         eval_every=config.eval_every, cosine_every=max(1, config.steps // 10), progress=progress,

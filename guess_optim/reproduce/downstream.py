@@ -20,12 +20,12 @@ from ._common import (
     OPTIMIZERS,
     DatasetConfig,
     arg,
+    build_optimizer,
     derive_seed,
     figure,
     finish,
     load,
     make_mlp,
-    make_optimizer,
     mean_std,
     train,
     windowed_mean,
@@ -82,7 +82,7 @@ def run_downstream_depth(config: DownstreamDepthConfig, *, out_dir: str | os.Pat
         for s in range(config.seeds):
             seed = derive_seed(config.seed, s)
             model = make_mlp(splits, config.depth, config.width, seed)
-            opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
+            opt = build_optimizer(config.optimizer, model.parameters(), lr=config.lr)
             logs.append(train(model, method, splits, opt, steps=steps, batch_size=config.batch_size,
                               seed=derive_seed(seed, 1), eval_every=config.measure_every,
                               cosine_every=0 if method == "backprop" else config.cosine_every,

@@ -25,13 +25,13 @@ from ._common import (
     OPTIMIZERS,
     DatasetConfig,
     arg,
+    build_optimizer,
     derive_seed,
     effective_rank,
     figure,
     finish,
     load,
     make_mlp,
-    make_optimizer,
     mean_std,
     train,
     windowed_mean,
@@ -102,7 +102,7 @@ def run_self_sharpening(config: SelfSharpeningConfig, *, out_dir: str | os.PathL
         for s in range(config.seeds):
             seed = derive_seed(config.seed, s)
             model = make_mlp(splits, config.depth, config.width, seed)
-            opt = make_optimizer(config.optimizer, model.parameters(), config.lr, weight_decay=config.weight_decay)
+            opt = build_optimizer(config.optimizer, model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
             ranks: list[list[float]] = []
             log = train(model, method, splits, opt, steps=config.steps, batch_size=config.batch_size,
                         seed=derive_seed(seed, 1), eval_every=config.measure_every,

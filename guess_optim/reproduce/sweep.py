@@ -22,16 +22,19 @@ from ._common import (
     OPTIMIZERS,
     DatasetConfig,
     arg,
+    build_optimizer,
     derive_seed,
     figure,
     finish,
     load,
     make_mlp,
-    make_optimizer,
     train,
 )
 
-__all__ = ["SweepConfig", "run_sweep"]
+__all__ = ["PAPER_OPTIMIZERS", "SweepConfig", "run_sweep"]
+
+PAPER_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "stable-adamw")
+"""The optimizers of the paper's sweep (App. A.3)."""
 
 
 @dataclass
@@ -41,7 +44,8 @@ class SweepConfig(DatasetConfig):
     depth: int = arg(3, "linear layers of the MLP (paper: 3)")
     width: int = arg(128, "hidden units per layer (paper: 128)")
     methods: tuple[str, ...] = arg(tuple(METHODS), "methods")
-    optimizers: tuple[str, ...] = arg(OPTIMIZERS, "optimizers")
+    optimizers: tuple[str, ...] = arg(PAPER_OPTIMIZERS, f"optimizers, from {', '.join(OPTIMIZERS)} (paper: AdamW, SGD, "
+                                      "StableAdamW)")
     lrs: tuple[float, ...] = arg((1e-2, 1e-3, 1e-4, 1e-5), "learning rates (paper: 1e-2..1e-5)")
     momentum: float = arg(0.0, "SGD momentum")
     epochs: int = arg(8, "training epochs (paper: 1000)")
@@ -76,7 +80,7 @@ def run_sweep(config: SweepConfig, *, out_dir: str | os.PathLike | None = None,
             per_lr = {}
             for lr in config.lrs:
                 model = make_mlp(splits, config.depth, config.width, seed)
-                opt = make_optimizer(opt_name, model.parameters(), lr, momentum=config.momentum)
+                opt = build_optimizer(opt_name, model.parameters(), lr=lr, momentum=config.momentum)
                 log = train(model, method, splits, opt, steps=config.epochs * per_epoch, batch_size=config.batch_size,
                             seed=derive_seed(seed, 1), eval_every=per_epoch, progress=progress,
                             desc=f"{method} {opt_name} lr={lr:g}")

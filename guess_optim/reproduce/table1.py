@@ -24,12 +24,12 @@ from ._common import (
     OPTIMIZERS,
     BaseConfig,
     arg,
+    build_optimizer,
     derive_seed,
     figure,
     finish,
     load,
     make_mlp,
-    make_optimizer,
     mean_std,
     train,
 )
@@ -94,7 +94,7 @@ def run_table1(config: Table1Config, *, out_dir: str | os.PathLike | None = None
                     model = make_mlp(splits, depth, width, seed)
                     params = sum(p.numel() for p in model.parameters())
                     opt_name = config.self_sharpening_optimizer if method == "self-sharpening" else config.optimizer
-                    opt = make_optimizer(opt_name, model.parameters(), config.lr, weight_decay=config.weight_decay)
+                    opt = build_optimizer(opt_name, model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
                     log = train(model, method, splits, opt, steps=steps, batch_size=config.batch_size,
                                 seed=derive_seed(seed, 1), progress=progress,
                                 desc=f"{dataset} {depth}x{width} {method} s{s}")
