@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from . import __version__
 from ._checks import check_float, check_int
 from ._io import write_json
+from ._seeds import derive_seed
 from .data import DATASETS, load_dataset, make_loaders
 from .diagnostics import cosine_similarity
 from .guesses import METHODS
@@ -43,15 +44,10 @@ def derive_seeds(seed: int) -> dict[str, int]:
     ``--seed`` itself seeds the global RNG (model initialization); the split seed is fixed (0).
 
     Returns:
-        ``{"init": seed, "loader": ..., "guesses": ...}``, each an int in ``[0, 2**63)``.
+        ``{"init": seed, "loader": derive_seed(seed, 1), "guesses": derive_seed(seed, 2)}``
+        (:func:`guess_optim._seeds.derive_seed`, the reproductions' derivation too).
     """
-    loader, guesses = (_sub_seed(seed, k) for k in (1, 2))
-    return {"init": seed, "loader": loader, "guesses": guesses}
-
-
-def _sub_seed(*keys: int) -> int:
-    """A seed in ``[0, 2**63)`` derived from ``keys`` (e.g. a distinct guess seed per measurement and method)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return {"init": seed, "loader": derive_seed(seed, 1), "guesses": derive_seed(seed, 2)}
 
 
 # ------------------------------------------------------------------------------------------------- argument types
@@ -297,7 +293,7 @@ def _cosine(args: argparse.Namespace) -> int:
         if step % args.every == 0:
             row: dict[str, Any] = {"step": step, "cosine": {}, "per_layer": {}}
             for i, name in enumerate(methods):
-                rep = cosine_similarity(model, name, (x, y), loss_fn, seed=_sub_seed(seeds["guesses"], step, i))
+                rep = cosine_similarity(model, name, (x, y), loss_fn, seed=derive_seed(seeds["guesses"], step, i))
                 row["cosine"][name] = rep.total
                 row["per_layer"][name] = rep.per_layer
             records.append(row)

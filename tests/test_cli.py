@@ -62,6 +62,17 @@ def test_train_writes_every_field(tmp_path, capsys):
     assert "epoch 2/2" in out and "cosine" in out and "test acc" in out
 
 
+def test_one_seed_derivation_for_train_and_the_reproductions():
+    """Regression: the CLI and the reproductions derived seeds with two different helpers."""
+    from guess_optim._seeds import derive_seed
+    from guess_optim.reproduce import _common
+
+    assert derive_seeds(5) == {"init": 5, "loader": derive_seed(5, 1), "guesses": derive_seed(5, 2)}
+    assert _common.derive_seed is derive_seed
+    assert len({derive_seed(5, k) for k in range(100)}) == 100
+    assert all(0 <= derive_seed(s, k) < 2**62 for s in (0, 2**40) for k in range(10))
+
+
 def test_train_is_deterministic_and_tracking_off(tmp_path):
     _, a = train(tmp_path, "--track-cosine", "0", name="a.json")
     _, b = train(tmp_path, "--track-cosine", "0", name="b.json")

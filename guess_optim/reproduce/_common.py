@@ -28,6 +28,7 @@ from torch.utils.data import TensorDataset
 from .. import __version__
 from .._checks import check_choice, check_float, check_int
 from .._io import json_safe, write_json
+from .._seeds import derive_seed
 from ..data import DATASETS, DatasetSplits, load_dataset, make_loaders
 from ..diagnostics import backprop_gradient, gradient_cosine, read_grads
 from ..engine import NonFiniteEstimateWarning, attach
@@ -160,11 +161,6 @@ class DatasetConfig(BaseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("dataset", DATASETS)
-
-
-def derive_seed(*keys: int) -> int:
-    """A seed in ``[0, 2**62)`` derived from integer ``keys`` by ``numpy.random.SeedSequence`` (no global RNG)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(2))
 
 
 def load(config: BaseConfig, dataset: str | None = None) -> DatasetSplits:
