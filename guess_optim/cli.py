@@ -26,7 +26,7 @@ from ._io import write_json
 from ._seeds import derive_seed
 from .data import DATASETS, load_dataset, make_loaders
 from .diagnostics import cosine_similarity
-from .guesses import METHODS
+from .estimators import METHODS, get_estimator
 from .models import ACTIVATIONS, MODELS, build_model
 from .optim import OPTIMIZERS, build_optimizer
 from .trainer import GuessedGradientTrainer
@@ -75,6 +75,15 @@ def _int_arg(name: str, low: int) -> Callable[[str], int]:
 
 def _float_arg(name: str, low: float, *, strict: bool = False) -> Callable[[str], float]:
     return _checked(float, check_float, name, low=low, strict=strict)
+
+
+def _registered_method(text: str) -> str:
+    """``--method``: validated by the registry (:func:`guess_optim.get_estimator`), so registered estimators count."""
+    try:
+        get_estimator(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _method_list(text: str) -> list[str]:
@@ -137,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model with guessed gradients; print per epoch the train loss, "
         "train/test accuracy and the mean cosine to the true gradient. Methods: " + methods,
     )
-    t.add_argument("--method", choices=tuple(METHODS), default="wt", help="(default: %(default)s)")
+    t.add_argument(
+        "--method",
+        type=_registered_method,
+        default="wt",
+        metavar="{" + ",".join(METHODS) + "}",
+        help="a registered method (default: %(default)s)",
+    )
     t.add_argument("--model", choices=MODELS, default="mlp", help="(default: %(default)s)")
     _add_model_args(t, depth=3, width=128)
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(default: %(default)s)")
@@ -373,8 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         if args.resume and not args.checkpoint_dir:
             parser.error("--resume needs --checkpoint-dir DIR (the directory that holds last.pt)")
-        if args.method == "backprop" and (args.num_guesses != 1 or args.exact_head):
-            parser.error("--num-guesses and --exact-head apply to guessed methods, not --method backprop")
+        if get_estimator(args.method).space == "backprop" and (args.num_guesses != 1 or args.exact_head):
+            parser.error(f"--num-guesses and --exact-head apply to guessed methods, not --method {args.method}")
         if args.momentum and args.optimizer != "sgd":
             parser.error(f"--momentum applies to --optimizer sgd only, not {args.optimizer!r}")
     if args.out:  # fail now, not after training, if the results cannot be written there

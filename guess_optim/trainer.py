@@ -24,7 +24,7 @@ from ._checks import check_int
 from ._io import atomic_write
 from .diagnostics import backprop_gradient, gradient_cosine, read_grads
 from .engine import attach
-from .guesses import get_method
+from .estimators import get_estimator
 
 __all__ = ["CHECKPOINT_NAME", "GuessedGradientTrainer", "atomic_write"]
 
@@ -95,7 +95,7 @@ class GuessedGradientTrainer:
         handle: the :class:`~guess_optim.GuessHandle` while :meth:`fit` runs, else ``None``.
 
     Raises:
-        ValueError: unknown ``method`` (from :func:`~guess_optim.guesses.get_method`), ``track_cosine`` not an int
+        ValueError: unknown ``method`` (from :func:`~guess_optim.get_estimator`), ``track_cosine`` not an int
             >= 0, or ``seed`` not an int >= 0.
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
     """
@@ -115,7 +115,7 @@ class GuessedGradientTrainer:
         checkpoint_dir: str | os.PathLike | None = None,
         **attach_kwargs: Any,
     ) -> None:
-        get_method(method)  # unknown method: the registry's ValueError, before anything else
+        get_estimator(method)  # unknown method: the registry's ValueError, before anything else
         track_cosine = check_int("track_cosine", track_cosine, low=0)
         seed = check_int("seed", seed, low=0)
         if not isinstance(optimizer, torch.optim.Optimizer):

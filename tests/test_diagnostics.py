@@ -97,3 +97,10 @@ def test_cosine_similarity_shares_the_dropout_masks():
     assert rep.total == pytest.approx(1.0, abs=1e-12)
     assert all(v == pytest.approx(1.0, abs=1e-12) for v in rep.per_layer.values())
 
+
+def test_the_reproductions_use_it():
+    """Regression: bias.py and one_step.py had their own copies of "estimate without touching p.grad"."""
+    from guess_optim.reproduce import bias, one_step
+
+    assert bias.guessed_gradient is guessed_gradient and one_step.guessed_gradient is guessed_gradient
+    assert not hasattr(one_step, "_estimate")

@@ -57,7 +57,7 @@ from guess_optim._checks import check_choice, check_int
 from guess_optim._io import atomic_write
 from guess_optim._rng import capture_rng, cuda_devices, replayed_rng
 from guess_optim.diagnostics import gradient_cosine
-from guess_optim.guesses import get_method
+from guess_optim.estimators import get_estimator
 from guess_optim.optim import OPTIMIZERS, optimizer_cls_and_kwargs
 
 try:
@@ -165,7 +165,7 @@ class GuessedGradientCallback(TrainerCallback):
         head_fn: Callable[[nn.Module], nn.Module] | None = None,
         **attach_kwargs: Any,
     ):
-        get_method(method)  # ValueError for an unknown method, before any training starts
+        get_estimator(method)  # the registry's ValueError for an unknown method, before any training starts
         seed = check_int("seed", seed, low=0, none_ok=True)
         n = check_int("log_cosine_every", log_cosine_every, low=0)
         if head is not None and head_fn is not None:

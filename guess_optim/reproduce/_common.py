@@ -32,38 +32,43 @@ from .._seeds import derive_seed
 from ..data import DATASETS, DatasetSplits, load_dataset, make_loaders
 from ..diagnostics import backprop_gradient, gradient_cosine, read_grads
 from ..engine import NonFiniteEstimateWarning, attach
-from ..guesses import METHODS
+from ..estimators import METHODS, get_estimator
 from ..models import MLP
 from ..optim import OPTIMIZERS, build_optimizer
 
 __all__ = [
-    "GUESSED_METHODS",
-    "METHOD_COLORS",
-    "METHOD_LABELS",
     "OPTIMIZERS",
+    "RATIO_BASELINE",
     "BaseConfig",
     "DatasetConfig",
     "Estimator",
     "TrainLog",
     "accuracy",
+    "all_methods",
     "arg",
     "batches",
+    "build_optimizer",
     "cross_entropy",
     "derive_seed",
     "effective_rank",
     "figure",
     "finish",
+    "guessed_methods",
+    "is_oracle",
     "load",
-    "build_optimizer",
     "make_mlp",
     "mean_std",
+    "method_color",
+    "method_label",
+    "oracle_method",
     "train",
     "versions",
     "windowed_mean",
 ]
 
-GUESSED_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "backprop")
-"""Every method of the registry except the backprop oracle, in registry order."""
+RATIO_BASELINE = "directional"
+"""The method every ratio is taken to (``ratio_to_directional``): the paper's yardstick, "hundreds of times" the
+cosine similarity of directional descent (§3)."""
 
 Batch = tuple[Tensor, Tensor]
 Estimator = Callable[[nn.Module, Batch], Tensor]
@@ -71,10 +76,57 @@ Estimator = Callable[[nn.Module, Batch], Tensor]
 
 
 def arg(default: Any, help: str, **metadata: Any) -> Any:
-    """A dataclass field with a ``--flag`` help string (read by the CLI) and optional ``choices``."""
+    """A dataclass field with a ``--flag`` help string (read by the CLI) and optional ``choices``.
+
+    A callable ``default`` is a default factory, called for each config (e.g. :func:`guessed_methods`: an estimator
+    registered after import is in the default).
+    """
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults")
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
+
+
+# ------------------------------------------------------------------------------------------- methods, from the registry
+def all_methods() -> tuple[str, ...]:
+    """Every registered method, in registry order."""
+    return tuple(METHODS)
+
+
+def guessed_methods() -> tuple[str, ...]:
+    """Every registered method except the backprop oracle (``space == "backprop"``), in registry order."""
+    return tuple(m for m, cls in METHODS.items() if cls.space != "backprop")
+
+
+def oracle_method() -> str:
+    """The name of the registered backprop oracle (the estimator whose ``space`` is ``"backprop"``)."""
+    return next(m for m, cls in METHODS.items() if cls.space == "backprop")
+
+
+def is_oracle(method: str) -> bool:
+    """Whether ``method`` (a registered name) is the backprop oracle."""
+    return get_estimator(method).space == "backprop"
+
+
+def _registered_base(name: str) -> str | None:
+    """``name`` if registered; for a variant such as ``"downstream l=2"`` or ``"wt p=0.5"``, the registered method it
+    starts with; else ``None``."""
+    bases = [m for m in METHODS if name == m or name.startswith(m + " ")]
+    return max(bases, key=len) if bases else None
+
+
+def method_label(name: str) -> str:
+    """Legend label: the estimator's :meth:`~guess_optim.Estimator.plot_label`; a variant (``"downstream l=2"``) or an
+    unregistered name keeps its own name."""
+    return METHODS[name].plot_label() if name in METHODS else name
+
+
+def method_color(name: str) -> str | None:
+    """Plot colour: the estimator's ``color``; a variant (``"downstream l=2"``) takes its method's; else ``None``
+    (matplotlib's cycle)."""
+    base = _registered_base(name)
+    return None if base is None else METHODS[base].color
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -98,7 +150,7 @@ class BaseConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # lists (e.g. a config read back from JSON) become the tuples expected
             v = getattr(self, f.name)
-            if isinstance(f.default, tuple) and isinstance(v, list):
+            if isinstance(v, list):  # configs hold no lists (arg() refuses list defaults)
                 setattr(self, f.name, tuple(tuple(x) if isinstance(x, list) else x for x in v))
         if isinstance(self.data_dir, os.PathLike):
             self.data_dir = os.fspath(self.data_dir)  # kept as a string so the config stays JSON-ready
@@ -120,8 +172,9 @@ class BaseConfig:
         for n in names:
             check_int(n, getattr(self, n), low=0)
 
-    def check_methods(self, name: str, allowed: Sequence[str] = tuple(METHODS)) -> None:
-        """Field ``name`` is a non-empty tuple of distinct method names from ``allowed``."""
+    def check_methods(self, name: str, allowed: Sequence[str] | None = None) -> None:
+        """Field ``name`` is a non-empty tuple of distinct method names from ``allowed`` (default: the registry)."""
+        allowed = all_methods() if allowed is None else tuple(allowed)
         v = getattr(self, name)
         _check(isinstance(v, tuple) and len(v) > 0 and len(set(v)) == len(v) and all(m in allowed for m in v),
                name, v, f"distinct names from {', '.join(allowed)}")
@@ -282,7 +335,7 @@ def train(
 
     log = TrainLog()
     handle = None
-    if isinstance(method, str) and method != "backprop":
+    if isinstance(method, str) and not is_oracle(method):
         # A seed of its own: the guesses must not replay the data-order generator's stream.
         handle = attach(model, method, seed=derive_seed(seed, 1), **(attach_kwargs or {}))
 
@@ -390,13 +443,3 @@ def figure(ncols: int, nrows: int = 1, *, size: tuple[float, float] = (4.2, 3.3)
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
     axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False))
     return fig, axes
-
-
-METHOD_LABELS: dict[str, str] = {
-    "backprop": "Backprop (oracle)", "directional": "Directional", "activation": "Activation perturbation",
-    "mixing": "Mixing", "wt": "$W^T$", "downstream": "1-layer downstream", "self-sharpening": "Self-sharpening",
-}
-METHOD_COLORS: dict[str, str] = {
-    "backprop": "k", "directional": "tab:gray", "activation": "tab:brown", "mixing": "tab:green", "wt": "tab:blue",
-    "downstream": "tab:orange", "self-sharpening": "tab:purple",
-}

@@ -19,9 +19,7 @@ import torch
 
 from ..diagnostics import cosine_similarity
 from ._common import (
-    GUESSED_METHODS,
-    METHOD_COLORS,
-    METHOD_LABELS,
+    RATIO_BASELINE,
     DatasetConfig,
     arg,
     batches,
@@ -29,9 +27,12 @@ from ._common import (
     derive_seed,
     figure,
     finish,
+    guessed_methods,
     load,
     make_mlp,
     mean_std,
+    method_color,
+    method_label,
 )
 
 __all__ = ["CosineConfig", "run_cosine"]
@@ -47,13 +48,13 @@ class CosineConfig(DatasetConfig):
     lr: float = arg(1e-3, "AdamW learning rate of the backprop trajectory")
     every: int = arg(25, "measure every that many steps (and at step 0)")
     repeats: int = arg(3, "independent guesses per method and measurement, cosines averaged")
-    methods: tuple[str, ...] = arg(GUESSED_METHODS, "methods to measure")
+    methods: tuple[str, ...] = arg(guessed_methods, "methods to measure (every registered one but backprop by default)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_positive("depth", "width", "steps", "every", "repeats")
         self.check_positive("lr", kind=float)
-        self.check_methods("methods", GUESSED_METHODS)
+        self.check_methods("methods", guessed_methods())
 
 
 def run_cosine(config: CosineConfig, *, out_dir: str | os.PathLike | None = None,
@@ -93,7 +94,7 @@ def run_cosine(config: CosineConfig, *, out_dir: str | os.PathLike | None = None
         cross_entropy(model(batch[0]), batch[1]).backward()
         opt.step()
     stats = {m: mean_std(c) for m, c in curves.items()}
-    base = stats["directional"][0] if "directional" in stats else math.nan
+    base = stats[RATIO_BASELINE][0] if RATIO_BASELINE in stats else math.nan
     results = {
         "steps": steps,
         "curves": curves,
@@ -113,7 +114,7 @@ def plot_cosine(record: dict[str, Any]) -> Any:
     ax = axes[0, 0]
     for m, curve in res["curves"].items():
         y = np.asarray([np.nan if v is None or v <= 0 else v for v in curve], dtype=float)
-        ax.plot(res["steps"], y, marker=".", label=METHOD_LABELS[m], color=METHOD_COLORS[m])
+        ax.plot(res["steps"], y, marker=".", label=method_label(m), color=method_color(m))
     ax.set_yscale("log")
     ax.set_xlabel("backprop training step")
     ax.set_ylabel("cosine similarity to the true gradient")
@@ -122,12 +123,12 @@ def plot_cosine(record: dict[str, Any]) -> Any:
     ax = axes[0, 1]
     ms = list(res["mean"])
     ax.bar(range(len(ms)), [res["mean"][m] or np.nan for m in ms], yerr=[res["std"][m] or 0 for m in ms],
-           color=[METHOD_COLORS[m] for m in ms])
+           color=[method_color(m) for m in ms])
     for i, m in enumerate(ms):
         r = res["ratio_to_directional"][m]
         if r is not None:
             ax.text(i, res["mean"][m] or 0, f"{r:.0f}x", ha="center", va="bottom", fontsize=7)
     ax.set_yscale("log")
-    ax.set_xticks(range(len(ms)), [METHOD_LABELS[m] for m in ms], rotation=35, ha="right", fontsize=7)
+    ax.set_xticks(range(len(ms)), [method_label(m) for m in ms], rotation=35, ha="right", fontsize=7)
     ax.set_title("trajectory mean (label: ratio to directional)")
     return fig

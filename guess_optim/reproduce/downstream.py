@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from ._common import (
-    METHOD_COLORS,
     OPTIMIZERS,
     DatasetConfig,
     arg,
@@ -24,9 +23,12 @@ from ._common import (
     derive_seed,
     figure,
     finish,
+    is_oracle,
     load,
     make_mlp,
     mean_std,
+    method_color,
+    oracle_method,
     train,
     windowed_mean,
 )
@@ -42,7 +44,8 @@ class DownstreamDepthConfig(DatasetConfig):
     depth: int = arg(4, "linear layers of the MLP (paper: 6; at 6 our short runs stay near chance)")
     width: int = arg(128, "hidden units per layer (paper: 1024)")
     layers: tuple[int, ...] = arg((1, 2), "downstream_layers values l to compare")
-    references: tuple[str, ...] = arg(("backprop", "wt"), "other methods trained alongside (empty: none)")
+    references: tuple[str, ...] = arg(lambda: (oracle_method(), "wt"),
+                                      "other methods trained alongside (empty: none)")
     epochs: int = arg(10, "training epochs")
     optimizer: str = arg("adamw", "optimizer", choices=OPTIMIZERS)
     lr: float = arg(1e-3, "learning rate")
@@ -85,7 +88,7 @@ def run_downstream_depth(config: DownstreamDepthConfig, *, out_dir: str | os.Pat
             opt = build_optimizer(config.optimizer, model.parameters(), lr=config.lr)
             logs.append(train(model, method, splits, opt, steps=steps, batch_size=config.batch_size,
                               seed=derive_seed(seed, 1), eval_every=config.measure_every,
-                              cosine_every=0 if method == "backprop" else config.cosine_every,
+                              cosine_every=0 if is_oracle(method) else config.cosine_every,
                               attach_kwargs=kwargs, progress=progress, desc=name))
         windows = [windowed_mean(lg.cos_steps, lg.cosine, config.measure_every) for lg in logs]
         runs[name] = {
@@ -110,7 +113,7 @@ def plot_downstream_depth(record: dict[str, Any]) -> Any:
     fig, axes = figure(3, size=(4.2, 3.3))
     shades = ["tab:orange", "tab:red", "tab:pink", "tab:olive"]
     for i, (k, r) in enumerate(runs.items()):
-        color = shades[i % len(shades)] if k.startswith("downstream l=") else METHOD_COLORS.get(k, None)
+        color = shades[i % len(shades)] if k.startswith("downstream l=") else method_color(k)
         axes[0, 0].plot(r["steps"], [100 * v for v in r["train_acc"]], color=color, label=k)
         axes[0, 1].plot(r["steps"], [100 * v for v in r["test_acc"]], color=color, label=k)
         if r["cosine"]:

@@ -101,7 +101,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> 
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # the registry, read now
         help_ = f.metadata.get("help", "")
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._checks import check_float
-from ..guesses import METHODS
 from ._common import (
-    METHOD_COLORS,
-    METHOD_LABELS,
     OPTIMIZERS,
     DatasetConfig,
+    all_methods,
     arg,
     build_optimizer,
     derive_seed,
@@ -28,6 +26,8 @@ from ._common import (
     finish,
     load,
     make_mlp,
+    method_color,
+    method_label,
     train,
 )
 
@@ -43,7 +43,7 @@ class SweepConfig(DatasetConfig):
 
     depth: int = arg(3, "linear layers of the MLP (paper: 3)")
     width: int = arg(128, "hidden units per layer (paper: 128)")
-    methods: tuple[str, ...] = arg(tuple(METHODS), "methods")
+    methods: tuple[str, ...] = arg(all_methods, "methods (every registered one by default)")
     optimizers: tuple[str, ...] = arg(PAPER_OPTIMIZERS, f"optimizers, from {', '.join(OPTIMIZERS)} (paper: AdamW, SGD, "
                                       "StableAdamW)")
     lrs: tuple[float, ...] = arg((1e-2, 1e-3, 1e-4, 1e-5), "learning rates (paper: 1e-2..1e-5)")
@@ -107,8 +107,8 @@ def plot_sweep(record: dict[str, Any]) -> Any:
         for method, per_opt in res["best"].items():
             lr = per_opt[opt_name]["lr"]
             r = res["runs"][method][opt_name][f"{lr:g}"]
-            ax.plot(r["epochs"], [100 * v for v in r["train_acc"]], marker=".", color=METHOD_COLORS[method],
-                    label=f"{METHOD_LABELS[method]} (lr {lr:g})")
+            ax.plot(r["epochs"], [100 * v for v in r["train_acc"]], marker=".", color=method_color(method),
+                    label=f"{method_label(method)} (lr {lr:g})")
         ax.set_xlabel("epoch")
         ax.set_ylabel("train accuracy (%)")
         ax.set_title(opt_name, fontsize=9)

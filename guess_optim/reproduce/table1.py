@@ -17,12 +17,10 @@ import numpy as np
 
 from .._checks import check_float, check_int
 from ..data import DATASETS
-from ..guesses import METHODS as ALL_METHODS
 from ._common import (
-    METHOD_COLORS,
-    METHOD_LABELS,
     OPTIMIZERS,
     BaseConfig,
+    all_methods,
     arg,
     build_optimizer,
     derive_seed,
@@ -31,6 +29,8 @@ from ._common import (
     load,
     make_mlp,
     mean_std,
+    method_color,
+    method_label,
     train,
 )
 
@@ -44,7 +44,7 @@ class Table1Config(BaseConfig):
     datasets: tuple[str, ...] = arg(("mnist-5k",), "datasets (paper: mnist,svhn,cifar10,cifar100 via --data-dir)")
     configs: tuple[tuple[int, int], ...] = arg(((3, 128), (6, 128)),
                                                "MLP depth x width (paper: 3x128,6x128,3x1024,6x1024)")
-    methods: tuple[str, ...] = arg(tuple(ALL_METHODS), "methods")
+    methods: tuple[str, ...] = arg(all_methods, "methods (every registered one by default)")
     seeds: int = arg(2, "seeds per cell (mean ± std over them)")
     epochs: int = arg(15, "training epochs")
     optimizer: str = arg("adamw", "optimizer of every method but self-sharpening", choices=OPTIMIZERS)
@@ -122,7 +122,7 @@ def plot_table1(record: dict[str, Any]) -> Any:
                 e = [per_cfg[c][m][f"{split}_std"] for c in cfgs]
                 ax.errorbar(range(len(cfgs)), [np.nan if v is None else 100 * v for v in y],
                             yerr=[0 if v is None else 100 * v for v in e], marker="o", capsize=3,
-                            label=METHOD_LABELS[m], color=METHOD_COLORS[m])
+                            label=method_label(m), color=method_color(m))
             ax.set_xticks(range(len(cfgs)), [f"({c.replace('x', ', ')})" for c in cfgs])
             ax.set_xlabel("(depth, width), by parameter count")
             ax.set_ylabel(f"{split} accuracy (%)")
