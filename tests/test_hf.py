@@ -31,7 +31,7 @@ from guess_optim import StableAdamW, attach, handle_of  # noqa: E402
 from guess_optim.integrations.hf import (  # noqa: E402
     STATE_NAME,
     GuessedGradientCallback,
-    GuessedGradientTrainer,
+    HFGuessedGradientTrainer,
     find_head,
 )
 from guess_optim.integrations.vpt import VisualPromptTuning, VPTConfig  # noqa: E402
@@ -205,7 +205,7 @@ def test_logs_checkpoints_and_evaluation(run):
 
 def test_resume_matches_uninterrupted_run(run, tmp_path):
     """Resuming from checkpoint-2 (optimizer, scheduler, data order and guess generators) ends bit-identical to the
-    uninterrupted run; GuessedGradientTrainer restores from exactly the checkpoint it is given."""
+    uninterrupted run; HFGuessedGradientTrainer restores from exactly the checkpoint it is given."""
     out = tmp_path / "resumed"
     checkpoint = str(out / "checkpoint-2")
     import shutil
@@ -213,7 +213,7 @@ def test_resume_matches_uninterrupted_run(run, tmp_path):
     shutil.copytree(run["out"] / "checkpoint-2", checkpoint)
     model = vpt_model()
     args = arguments(out, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2)
-    trainer = GuessedGradientTrainer(model=model, args=args, train_dataset=Images(), eval_dataset=Images(8, seed=1),
+    trainer = HFGuessedGradientTrainer(model=model, args=args, train_dataset=Images(), eval_dataset=Images(8, seed=1),
                                      guess_method="wt")
     trainer.train(resume_from_checkpoint=checkpoint)
     for (n, p), q in zip(model.named_parameters(), run["model"].parameters(), strict=True):
@@ -224,7 +224,7 @@ def test_resume_matches_uninterrupted_run(run, tmp_path):
     # without the guess state the run still resumes, with a warning (the guesses restart from the seed)
     os.remove(os.path.join(checkpoint, f"{STATE_NAME}.pt"))
     model = vpt_model()
-    trainer = GuessedGradientTrainer(model=model, args=arguments(tmp_path / "again"), train_dataset=Images())
+    trainer = HFGuessedGradientTrainer(model=model, args=arguments(tmp_path / "again"), train_dataset=Images())
     with pytest.warns(RuntimeWarning, match="without a guess_optim state"):
         trainer.train(resume_from_checkpoint=checkpoint)
     assert not all(torch.equal(p, q) for p, q in zip(model.prompts.parameters(), run["model"].prompts.parameters(),
@@ -244,7 +244,7 @@ def test_cosine_reference_replays_the_dropout_masks(tmp_path):
 
 def test_clipping_and_stable_adamw(tmp_path):
     spy = Spy()
-    trainer = GuessedGradientTrainer(model=vpt_model(), args=arguments(tmp_path, max_steps=2, max_grad_norm=0.05),
+    trainer = HFGuessedGradientTrainer(model=vpt_model(), args=arguments(tmp_path, max_steps=2, max_grad_norm=0.05),
                                      train_dataset=Images(), callbacks=[spy], guess_optimizer="stable-adamw")
     trainer.train()
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
@@ -259,7 +259,7 @@ def test_clipping_and_stable_adamw(tmp_path):
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_guess_optimizer_comes_from_the_factory_with_the_trainers_groups(tmp_path, name):
     args = arguments(tmp_path, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-7)
-    trainer = GuessedGradientTrainer(model=vpt_model(), args=args, train_dataset=Images(), guess_optimizer=name)
+    trainer = HFGuessedGradientTrainer(model=vpt_model(), args=args, train_dataset=Images(), guess_optimizer=name)
     optimizer = trainer.create_optimizer()
     assert type(optimizer) is {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
     assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.1]  # none on biases and norms
@@ -331,7 +331,7 @@ def test_plain_hf_model_head_found_and_raw_parameters(tmp_path):
     """A plain ViTForImageClassification (ModelOutput, loss inside forward): the head is found; its cls_token and
     position embeddings need raw_parameters="directional"."""
     spy = Spy()
-    trainer = GuessedGradientTrainer(model=tiny_vit(), args=arguments(tmp_path, max_steps=1,
+    trainer = HFGuessedGradientTrainer(model=tiny_vit(), args=arguments(tmp_path, max_steps=1,
                                                                        gradient_accumulation_steps=1),
                                      train_dataset=Images(), callbacks=[spy], guess_method="wt",
                                      guess_kwargs={"raw_parameters": "directional"})
@@ -387,8 +387,8 @@ BAD_ARGUMENTS = [
     (lambda: GuessedGradientCallback(seed=-3), ValueError, "seed"),
     (lambda: GuessedGradientCallback(head=nn.Linear(1, 1), head_fn=lambda m: m), ValueError, "either"),
     (lambda: GuessedGradientCallback(method="wt", model=None), ValueError, "model"),
-    (lambda: GuessedGradientTrainer(model=nn.Linear(1, 1), guess_optimizer="lion"), ValueError, "guess_optimizer"),
-    (lambda: GuessedGradientTrainer(model=nn.Linear(1, 1), guess_optimizer="stable-adamw",
+    (lambda: HFGuessedGradientTrainer(model=nn.Linear(1, 1), guess_optimizer="lion"), ValueError, "guess_optimizer"),
+    (lambda: HFGuessedGradientTrainer(model=nn.Linear(1, 1), guess_optimizer="stable-adamw",
                                     optimizer_cls_and_kwargs=(torch.optim.SGD, {})), ValueError, "guess_optimizer"),
 ]
 
@@ -397,6 +397,22 @@ BAD_ARGUMENTS = [
 def test_bad_arguments(build, error, pattern):
     with pytest.raises(error, match=pattern):
         build()
+
+
+def test_old_trainer_name_is_a_deprecated_alias():
+    """Regression: two public classes were named GuessedGradientTrainer (the plain loop and this subclass)."""
+    import guess_optim
+    from guess_optim.integrations import hf
+
+    with pytest.warns(DeprecationWarning, match="renamed HFGuessedGradientTrainer"):
+        from guess_optim.integrations.hf import GuessedGradientTrainer
+    assert GuessedGradientTrainer is HFGuessedGradientTrainer
+    with pytest.warns(DeprecationWarning, match="renamed HFGuessedGradientTrainer"):
+        assert hf.GuessedGradientTrainer is HFGuessedGradientTrainer
+    assert "GuessedGradientTrainer" not in hf.__all__
+    assert guess_optim.GuessedGradientTrainer is not HFGuessedGradientTrainer
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        hf.Nope  # noqa: B018
 
 
 def test_missing_transformers_gives_install_hint(monkeypatch):

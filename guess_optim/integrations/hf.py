@@ -29,9 +29,9 @@ What the callback adds:
 Example::
 
     from transformers import TrainingArguments
-    from guess_optim.integrations.hf import GuessedGradientTrainer
+    from guess_optim.integrations.hf import HFGuessedGradientTrainer
 
-    trainer = GuessedGradientTrainer(
+    trainer = HFGuessedGradientTrainer(
         model=model, args=TrainingArguments("out", max_steps=1000, gradient_accumulation_steps=4),
         train_dataset=train, eval_dataset=test,
         guess_method="wt", guess_kwargs={"log_cosine_every": 100}, guess_optimizer="stable-adamw",
@@ -69,7 +69,8 @@ except ImportError as _err:  # pragma: no cover - exercised by a test with trans
         f'guess_optim.integrations.hf needs transformers: pip install "guess-optim[hf]" ({_err})'
     ) from _err
 
-__all__ = ["GUESS_OPTIMIZERS", "STATE_NAME", "GuessedGradientCallback", "GuessedGradientTrainer", "find_head"]
+__all__ = ["GUESS_OPTIMIZERS", "STATE_NAME", "GuessedGradientCallback", "HFGuessedGradientTrainer", "find_head"]
+
 
 STATE_NAME = "guess_optim_state"
 """Stem of the file the callback writes into each checkpoint folder (``.pt``; ``_rank{r}.pt`` when distributed)."""
@@ -146,7 +147,7 @@ class GuessedGradientCallback(TrainerCallback):
         skipped_optimizer_steps: optimizer steps dropped because an estimate was not finite.
         last_cosine: the last cosine measured (``None`` before the first).
         resume_from_checkpoint: a checkpoint folder to restore the guess state from on resume (set by
-            :meth:`GuessedGradientTrainer.train`); otherwise ``args.resume_from_checkpoint`` or
+            :meth:`HFGuessedGradientTrainer.train`); otherwise ``args.resume_from_checkpoint`` or
             ``output_dir/checkpoint-{global_step}`` is searched.
 
     Raises:
@@ -343,7 +344,7 @@ class GuessedGradientCallback(TrainerCallback):
         return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # GuessedGradientTrainer adds the metrics before Trainer.log; with a plain Trainer they are added here, which
+        # HFGuessedGradientTrainer adds the metrics before Trainer.log; with a plain Trainer they are added here, which
         # reaches state.log_history and the callbacks after this one (progress bar/printer), not the reporting
         # integrations (tensorboard, wandb, ...) that the Trainer places before user callbacks.
         if logs is None or "guess_skipped_steps" in logs:
@@ -398,7 +399,7 @@ class GuessedGradientCallback(TrainerCallback):
         )
 
 
-class GuessedGradientTrainer(Trainer):
+class HFGuessedGradientTrainer(Trainer):
     """A ``transformers.Trainer`` that trains with guessed gradients (adds a :class:`GuessedGradientCallback`).
 
     Compared with ``Trainer(..., callbacks=[GuessedGradientCallback(...)])`` it also puts the guess metrics into
@@ -469,3 +470,20 @@ class GuessedGradientTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         logs.update(self.guess_callback.metrics(logs))
         super().log(logs, *args, **kwargs)
+
+
+_DEPRECATED = {"GuessedGradientTrainer": "HFGuessedGradientTrainer"}
+
+
+def __getattr__(name: str) -> Any:
+    # ``GuessedGradientTrainer`` was this class's name until it was renamed so as not to share it with the plain loop,
+    # guess_optim.GuessedGradientTrainer; the old name still works, with a DeprecationWarning.
+    if name in _DEPRECATED:
+        warnings.warn(
+            f"guess_optim.integrations.hf.{name} is deprecated: it was renamed {_DEPRECATED[name]} "
+            f"(guess_optim.GuessedGradientTrainer is the plain PyTorch loop); import {_DEPRECATED[name]} instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[_DEPRECATED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
