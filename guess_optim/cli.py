@@ -1,9 +1,10 @@
-"""The ``guess-optim`` command: ``train`` a model with guessed gradients, or measure every method's ``cosine``.
+"""The ``guess-optim`` command: ``train`` a model with guessed gradients; ``cosine``, ``reproduce`` and ``bench``.
 
 ``guess-optim train`` trains the paper's MLP (or a small ConvNet) on an embedded or torchvision dataset with
-:class:`~guess_optim.trainer.GuessedGradientTrainer` (paper Table 1). ``guess-optim cosine`` trains with backprop and
-measures, along that trajectory, the cosine similarity of each method's estimate to the true gradient on the same
-batch (paper §3, Fig. 1). Both can write their results as JSON (``--out``).
+:class:`~guess_optim.trainer.GuessedGradientTrainer` (paper Table 1) and can write its results as JSON (``--out``).
+``guess-optim cosine`` is ``guess-optim reproduce cosine`` (:mod:`guess_optim.reproduce.cosine`): every method's cosine
+similarity to the true gradient along a backprop trajectory (paper §3, Fig. 1). ``reproduce`` runs the paper's
+experiments (:mod:`guess_optim.reproduce`) and ``bench`` the benchmark, each with a parser of its own.
 """
 
 from __future__ import annotations
@@ -16,16 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import __version__
-from ._checks import check_float, check_int
+from ._checks import check_device, check_float, check_int
 from ._io import write_json
 from ._seeds import derive_seed
 from .data import DATASETS, load_dataset, make_loaders
-from .diagnostics import cosine_similarity
 from .estimators import METHODS, get_estimator
 from .models import ACTIVATIONS, MODELS, build_model
 from .optim import OPTIMIZERS, build_optimizer
@@ -86,14 +84,13 @@ def _registered_method(text: str) -> str:
     return text
 
 
-def _method_list(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown method(s) {unknown or text!r}; choose from {', '.join(METHODS)} (comma-separated)"
-        )
-    return list(dict.fromkeys(names))
+def _device_arg(text: str) -> str:
+    """``--device``: a device this machine has (``--device cuda`` without a GPU is an argparse error, exit code 2)."""
+    try:
+        check_device("device", text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, depth: int, width: int) -> None:
@@ -115,7 +112,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, depth: int, width: int) -> No
         default=0,
         help="seeds model init; shuffling and guess seeds are derived from it (default: %(default)s)",
     )
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="torch device (default: %(default)s)")
     p.add_argument(
         "--threads",
         type=_int_arg("threads", 1),
@@ -127,7 +124,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, depth: int, width: int) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``guess-optim`` argument parser (subcommands ``train`` and ``cosine``)."""
+    """The ``guess-optim`` argument parser: ``train``, and the delegated ``cosine``, ``reproduce`` and ``bench`` (listed
+    here, parsed by their own parsers)."""
     parser = argparse.ArgumentParser(
         prog="guess-optim",
         description='Train PyTorch models with guessed gradients (Singhal et al., "How to Guess a Gradient", '
@@ -181,32 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch lines stay)")
     t.set_defaults(func=_train)
 
-    c = sub.add_parser(
-        "cosine",
-        help="cosine similarity of every method to backprop along a backprop trajectory",
-        description="Train the MLP with backprop (AdamW) and, every --every steps, measure each "
-        "method's cosine similarity to the true gradient on the same batch (paper Fig. 1; "
-        "the paper's size is the default --depth 6 --width 1024).",
-    )
-    c.add_argument(
-        "--methods",
-        type=_method_list,
-        default=list(METHODS),
-        metavar="A,B,...",
-        help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
-    )
-    _add_model_args(c, depth=6, width=1024)
-    c.add_argument(
-        "--lr",
-        type=_float_arg("lr", 0.0, strict=True),
-        default=1e-3,
-        help="AdamW learning rate of the backprop trajectory (default: %(default)s)",
-    )
-    c.add_argument("--steps", type=_int_arg("steps", 1), default=200, help="backprop steps (default: %(default)s)")
-    c.add_argument(
-        "--every", type=_int_arg("every", 1), default=10, help="measure at steps 0, N, 2N, ... (default: %(default)s)"
-    )
-    c.set_defaults(func=_cosine)
     return parser
 
 
@@ -283,88 +255,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cosine(args: argparse.Namespace) -> int:
-    seeds = derive_seeds(args.seed)
-    splits = _load(args)
-    device = torch.device(args.device)
-    train_loader, _ = make_loaders(splits, args.batch_size, seed=seeds["loader"], device=device)
-    torch.manual_seed(seeds["init"])
-    model = _model(args, splits).to(device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    loss_fn = F.cross_entropy
-    methods: list[str] = args.methods
-    records: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    step = 0
-
-    def batches():
-        while True:
-            yield from train_loader
-
-    for x, y in batches():
-        if step >= args.steps:
-            break
-        if step % args.every == 0:
-            row: dict[str, Any] = {"step": step, "cosine": {}, "per_layer": {}}
-            for i, name in enumerate(methods):
-                rep = cosine_similarity(model, name, (x, y), loss_fn, seed=derive_seed(seeds["guesses"], step, i))
-                row["cosine"][name] = rep.total
-                row["per_layer"][name] = rep.per_layer
-            records.append(row)
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-        step += 1
-    seconds = time.perf_counter() - start
-
-    means = {m: float(np.mean([r["cosine"][m] for r in records])) for m in methods}
-    layers = list(records[0]["per_layer"][methods[0]]) if records else []
-    per_layer_means = {
-        m: {layer: float(np.mean([r["per_layer"][m][layer] for r in records])) for layer in layers} for m in methods
-    }
-    base = means.get("directional")
-    ratios = {m: (v / base if base else None) for m, v in means.items()}
-    print(
-        f"cosine similarity to backprop, {args.depth}x{args.width} MLP on {args.dataset}, "
-        f"{len(records)} measurements over {args.steps} backprop steps ({seconds:.0f}s)"
-    )
-    print(f"{'method':<16} {'mean cosine':>12} {'x directional':>14}")
-    for m in methods:
-        ratio = "-" if ratios[m] is None else f"{ratios[m]:.1f}"
-        print(f"{m:<16} {means[m]:>12.5f} {ratio:>14}")
-    if args.out:
-        write_json(
-            args.out,
-            {
-                "command": "cosine",
-                "dataset": args.dataset,
-                "depth": args.depth,
-                "width": args.width,
-                "methods": methods,
-                "steps": args.steps,
-                "every": args.every,
-                "mean_cosine": means,
-                "ratio_to_directional": ratios,
-                "per_layer_mean_cosine": per_layer_means,
-                "measurements": records,
-                "seconds": seconds,
-                "seeds": seeds,
-                "config": {k: v for k, v in vars(args).items() if k != "func"},
-                "versions": _versions(),
-            },
-            indent=2,
-        )
-    return 0
-
-
 _DELEGATED = {
+    "cosine": "every method's cosine to backprop along a backprop trajectory (paper Fig. 1 left); the same command as "
+    "'guess-optim reproduce cosine' (guess-optim cosine --help)",
     "reproduce": "reproduce the paper's tables and figures (guess-optim reproduce --help)",
     "bench": "time and memory of guessed steps against backprop (guess-optim bench --help)",
 }
 
 
 def _run_delegated(command: str, argv: list[str]) -> int:
+    if command == "cosine":  # one implementation and one set of defaults: the reproduction's
+        if any(a == "--out" or a.startswith("--out=") for a in argv):
+            print("guess-optim cosine: error: --out FILE.json was replaced by --out-dir DIR, which receives "
+                  "cosine.json and cosine.png (as guess-optim reproduce cosine)", file=sys.stderr)
+            return 2
+        from .reproduce import main as reproduce_main
+
+        return reproduce_main(["cosine", *argv], prog="guess-optim")
     if command == "reproduce":
         from .reproduce import main as reproduce_main
 
@@ -377,8 +284,8 @@ def _run_delegated(command: str, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``guess-optim`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
-    Exit codes: 0 on success; 2 for bad flags (argparse) or a missing dataset (the message, with how to get it,
-    goes to stderr, without a traceback); 130 on ``KeyboardInterrupt``.
+    Exit codes: 0 on success; 2 for bad flags (argparse; also a ``--device`` this machine does not have) or a missing
+    dataset (the message, with how to get it, goes to stderr, without a traceback); 130 on ``KeyboardInterrupt``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:  # sub-commands with parsers of their own

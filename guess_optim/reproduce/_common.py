@@ -53,6 +53,7 @@ __all__ = [
     "effective_rank",
     "figure",
     "finish",
+    "fmt",
     "guessed_methods",
     "is_oracle",
     "load",
@@ -61,6 +62,7 @@ __all__ = [
     "method_color",
     "method_label",
     "oracle_method",
+    "text_table",
     "train",
     "versions",
     "windowed_mean",
@@ -230,9 +232,11 @@ def make_mlp(splits: DatasetSplits, depth: int, width: int, seed: int) -> MLP:
         return MLP(int(np.prod(splits.input_shape)), splits.num_classes, depth=depth, width=width)
 
 
-def batches(splits: DatasetSplits, batch_size: int, seed: int) -> Iterator[Batch]:
-    """Endless shuffled training batches, epoch after epoch (shuffling seeded by ``seed``)."""
-    loader, _ = make_loaders(splits, batch_size, seed=seed)
+def batches(splits: DatasetSplits, batch_size: int, seed: int, *, device: str | torch.device | None = None
+            ) -> Iterator[Batch]:
+    """Endless shuffled training batches, epoch after epoch (shuffling seeded by ``seed``), on ``device`` (default:
+    where the splits are)."""
+    loader, _ = make_loaders(splits, batch_size, seed=seed, device=device)
     while True:
         yield from loader
 
@@ -432,6 +436,30 @@ def finish(
         record["files"] = [str(out / f"{name}.json"), str(png)]
         write_json(out / f"{name}.json", record)
     return record
+
+
+def fmt(value: Any, spec: str = ".4g") -> str:
+    """A number for a text table: ``spec`` for floats, ``mean ± std`` for a pair, ``-`` for ``None`` (NaN in JSON)."""
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return f"{fmt(value[0], spec)} ± {fmt(value[1], spec)}"
+    if isinstance(value, float):
+        return "-" if not math.isfinite(value) else format(value, spec)
+    return str(value)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str = "") -> str:
+    """A plain-text table (first column left-aligned, the others right-aligned); cells go through :func:`fmt`."""
+    cells = [[str(h) for h in header]] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [title] if title else []
+    for j, row in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
+                                                                                                    strict=True))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def figure(ncols: int, nrows: int = 1, *, size: tuple[float, float] = (4.2, 3.3)) -> tuple[Any, Any]:

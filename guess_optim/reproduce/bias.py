@@ -37,6 +37,7 @@ from ._common import (
     derive_seed,
     figure,
     finish,
+    fmt,
     guessed_methods,
     load,
     make_mlp,
@@ -44,6 +45,7 @@ from ._common import (
     method_color,
     method_label,
     oracle_method,
+    text_table,
     train,
 )
 
@@ -327,3 +329,19 @@ def plot_bias(record: dict[str, Any]) -> Any:
     ax.set_title("matched cosine, SGD with / without momentum", fontsize=9)
     ax.legend(fontsize=7)
     return fig
+
+
+def summarize_bias(record: dict[str, Any]) -> str:
+    """The text tables of :func:`run_bias`'s record: the averaging panel at the smallest and largest N, and the final
+    train accuracy of every run."""
+    res = record["results"]
+    av = res["averaging"]
+    n1, nmax = av["guesses"][0], av["guesses"][-1]
+    left = text_table(("method", f"cosine N={n1}", f"cosine N={nmax}"),
+                      [(m, v[0], v[-1]) for m, v in av["mean"].items()],
+                      title=f"cosine of the average of N guesses ({av['examples']} examples)")
+    check = res["oracle_cosine_check"]
+    runs = text_table(("run", "final train acc"), list(res["final_train_acc"].items()),
+                      title=f"matched-cosine oracle: cos θ = {fmt(res['cos_theta'])} (measured {fmt(check['min'])} to "
+                            f"{fmt(check['max'])})")
+    return f"{left}\n\n{runs}"

@@ -29,6 +29,7 @@ from ._common import (
     mean_std,
     method_color,
     oracle_method,
+    text_table,
     train,
     windowed_mean,
 )
@@ -128,3 +129,11 @@ def plot_downstream_depth(record: dict[str, Any]) -> Any:
     cfg = record["config"]
     fig.suptitle(f"MLP {cfg['depth']}x{cfg['width']}, {cfg['dataset']}", fontsize=9)
     return fig
+
+
+def summarize_downstream_depth(record: dict[str, Any]) -> str:
+    """The text table of :func:`run_downstream_depth`'s record: final accuracies and mean cosine, mean ± std."""
+    rows = [(k, r["final"]["train_acc"], r["final"]["test_acc"], r["final"]["mean_cosine"])
+            for k, r in record["results"]["runs"].items()]
+    return text_table(("run", "train acc", "test acc", "mean cosine"), rows,
+                      title=f"downstream depth, mean ± std over {record['config']['seeds']} seeds")

@@ -37,6 +37,7 @@ from ._common import (
     method_color,
     method_label,
     oracle_method,
+    text_table,
 )
 
 __all__ = ["OneStepConfig", "loss_reduction", "run_one_step"]
@@ -198,3 +199,13 @@ def plot_one_step(record: dict[str, Any]) -> Any:
     fig.suptitle(f"MLP {cfg['depth']}x{cfg['width']}, {cfg['dataset']}, {len(res['checkpoints'])} checkpoints",
                  fontsize=9)
     return fig
+
+
+def summarize_one_step(record: dict[str, Any]) -> str:
+    """The text table of :func:`run_one_step`'s record: best one-step loss reduction relative to backprop's."""
+    res, cfg = record["results"], record["config"]
+    rows = [(m, res["relative_mean"][m], res["relative_std"][m], res["cosine"][m], res["ratio_to_directional"][m])
+            for m in res["relative_mean"]]
+    return text_table(("method", "reduction / backprop", "std", "mean cosine", f"x {RATIO_BASELINE}"), rows,
+                      title=f"best one-step loss reduction relative to backprop, MLP {cfg['depth']}x{cfg['width']} on "
+                            f"{cfg['dataset']}, {len(res['checkpoints'])} checkpoints")

@@ -33,6 +33,7 @@ from ._common import (
     load,
     make_mlp,
     mean_std,
+    text_table,
     train,
     windowed_mean,
 )
@@ -165,3 +166,12 @@ def plot_self_sharpening(record: dict[str, Any]) -> Any:
     fig.suptitle(f"MLP {cfg['depth']}x{cfg['width']}, {cfg['dataset']}, {cfg['optimizer']} lr {cfg['lr']:g}",
                  fontsize=9)
     return fig
+
+
+def summarize_self_sharpening(record: dict[str, Any]) -> str:
+    """The text table of :func:`run_self_sharpening`'s record: cosine and effective rank at the start and the end."""
+    summaries = {k: r["summary"] for k, r in record["results"]["runs"].items()}
+    rows = [(k, s["cosine_first"], s["cosine_last_fifth"], s["effective_rank_first"], s["effective_rank_last"],
+             s["train_acc"], s["test_acc"]) for k, s in summaries.items()]
+    return text_table(("run", "cosine first", "cosine last 1/5", "eff. rank first", "eff. rank last", "train acc",
+                       "test acc"), rows, title="self-sharpening: cosine to backprop and effective rank of the weights")

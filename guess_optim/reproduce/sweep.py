@@ -28,6 +28,7 @@ from ._common import (
     make_mlp,
     method_color,
     method_label,
+    text_table,
     train,
 )
 
@@ -116,3 +117,11 @@ def plot_sweep(record: dict[str, Any]) -> Any:
     cfg = record["config"]
     fig.suptitle(f"best learning rate per method, MLP {cfg['depth']}x{cfg['width']}, {cfg['dataset']}", fontsize=9)
     return fig
+
+
+def summarize_sweep(record: dict[str, Any]) -> str:
+    """The text table of :func:`run_sweep`'s record: the best learning rate per method and optimizer."""
+    rows = [(m, opt, b["lr"], b["train_acc"], b["test_acc"]) for m, per_opt in record["results"]["best"].items()
+            for opt, b in per_opt.items()]
+    return text_table(("method", "optimizer", "best lr", "train acc", "test acc"), rows,
+                      title="best learning rate per method and optimizer (final train accuracy)")

@@ -31,6 +31,7 @@ from ._common import (
     mean_std,
     method_color,
     method_label,
+    text_table,
     train,
 )
 
@@ -129,3 +130,12 @@ def plot_table1(record: dict[str, Any]) -> Any:
             ax.set_title(f"{dataset}: {split}")
     axes[0, 0].legend(fontsize=7)
     return fig
+
+
+def summarize_table1(record: dict[str, Any]) -> str:
+    """The text table of :func:`run_table1`'s record: final accuracies, mean ± std over seeds."""
+    rows = [(dataset, cfg, m, (v["train_mean"], v["train_std"]), (v["test_mean"], v["test_std"]))
+            for dataset, per_cfg in record["results"].items() for cfg, cell in per_cfg.items()
+            for m, v in cell.items()]
+    return text_table(("dataset", "MLP", "method", "train acc", "test acc"), rows,
+                      title=f"final accuracy, mean ± std over {record['config']['seeds']} seeds")
