@@ -2,8 +2,9 @@
 
 :class:`GuessedGradientCallback` attaches :func:`guess_optim.attach` to the Trainer's model when training begins and
 removes it when training ends. Everything else is the Trainer's own loop: the estimates reach ``p.grad`` through
-autograd (DESIGN.md §4), so gradient accumulation, loss scaling, ``max_grad_norm`` clipping, DDP's all-reduce, LR
-schedulers, logging, checkpoints and evaluation (which runs the plain model: eval mode, no grad) work unchanged.
+autograd (README, "How it works"), so gradient accumulation, loss scaling, ``max_grad_norm`` clipping, DDP's
+all-reduce, LR schedulers, logging, checkpoints and evaluation (which runs the plain model: eval mode, no grad) work
+unchanged.
 What the callback adds:
 
 * **Head.** Hugging Face models return a ``ModelOutput`` and compute their loss inside ``forward``; the guessing

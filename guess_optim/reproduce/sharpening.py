@@ -5,8 +5,8 @@
 with the true gradient and the effective rank (Roy & Vetterli 2007) of the weight matrices. The paper (6 x 128 MLP,
 CIFAR-10, batch 128, lr 1e-4, no weight decay, 50,000 iterations): higher powers make the weights lower-rank and the
 cosine rise over training. We also run the ``self-sharpening`` method (1-layer downstream with uniform guesses and the
-exact head gradient) with ``U[0, 1)`` against ``U(-1, 1)`` guesses: DESIGN.md §3 asks whether the non-zero mean of
-``torch.rand`` is what sharpens.
+exact head gradient) with ``U[0, 1)`` against ``U(-1, 1)`` guesses: the paper's "random uniform guessing" (A.4) is
+ambiguous, and the non-zero mean of ``torch.rand`` may itself be what sharpens.
 """
 
 from __future__ import annotations
