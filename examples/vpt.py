@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from guess_optim import attach
+from guess_optim import METHODS, attach
 from guess_optim.integrations.vpt import VisualPromptTuning, VPTConfig
 from guess_optim.optim import OPTIMIZERS, build_optimizer
 
@@ -159,7 +159,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-split", default="test")
     p.add_argument("--image-column", default="image", help="--hf-dataset: image column (default: image)")
     p.add_argument("--label-column", default="label", help="--hf-dataset: label column (default: label)")
-    p.add_argument("--method", choices=["backprop", "directional", "wt"], default="wt")
+    p.add_argument("--method", choices=tuple(METHODS), default="wt",
+                   help="a registered method; paper A.6 compares backprop, directional and wt (default: wt)")
     p.add_argument("--num-guesses", type=int, default=1, help="guesses averaged per step (default: 1)")
     p.add_argument("--deep", action="store_true", help="VPT-deep (default: VPT-shallow)")
     p.add_argument("--num-prompts", type=int, default=10)
