@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ._checks import check_int
 from ._io import atomic_write
+from ._rng import capture_rng, cuda_devices, replayed_rng
 from .diagnostics import backprop_gradient, gradient_cosine, read_grads
 from .engine import attach
 from .estimators import get_estimator
@@ -77,8 +78,8 @@ class GuessedGradientTrainer:
         device: where the model and batches go. (default: ``"cpu"``)
         track_cosine: every ``track_cosine`` optimizer steps (counted over the whole run from step 0), the cosine
             similarity of the estimate in ``p.grad`` to the backprop gradient of the same batch (paper §3, Fig. 1);
-            0 turns it off. The reference is computed under a forked RNG, so tracking does not change the training
-            trajectory. (default: 0)
+            0 turns it off. The reference replays the step's global RNG state (same dropout masks; the training
+            trajectory is not changed by tracking). (default: 0)
         progress: show a ``tqdm`` progress bar over each epoch's steps. (default: ``True``)
         verbose: print one line per epoch with ``tqdm.write``. (default: ``True``)
         checkpoint_dir: if given, save ``checkpoint_dir/last.pt`` atomically after every epoch (created if
@@ -246,6 +247,8 @@ class GuessedGradientTrainer:
         """One optimizer step; returns ``(loss, skipped, cosine or None)``."""
         step = self.global_step
         self.global_step += 1
+        track = bool(self.track_cosine) and step % self.track_cosine == 0
+        rng = capture_rng(cuda_devices(self.model.parameters())) if track else None  # the step's dropout masks
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
@@ -259,8 +262,8 @@ class GuessedGradientTrainer:
         else:
             skipped = self.handle.last_step_skipped
         cos = None
-        if self.track_cosine and step % self.track_cosine == 0 and not skipped:
-            cos = self._cosine(x, y)
+        if track and not skipped:
+            cos = self._cosine(x, y, rng)
             self.cosines.append((step, cos))
         if skipped:
             self.skipped_steps += 1
@@ -268,10 +271,11 @@ class GuessedGradientTrainer:
             self.optimizer.step()
         return value, skipped, cos
 
-    def _cosine(self, x: Any, y: Tensor) -> float:
-        """Cosine of ``p.grad`` (the estimate the optimizer is about to use) to backprop's gradient on ``(x, y)``."""
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # dropout in the reference forward must not shift the RNG
+    def _cosine(self, x: Any, y: Tensor, rng: dict[str, Any]) -> float:
+        """Cosine of ``p.grad`` (the estimate the optimizer is about to use) to backprop's gradient on ``(x, y)``,
+        whose forward replays the global RNG state ``rng`` of the step's forward: the same dropout masks, and the
+        training RNG stream is not moved."""
+        with replayed_rng(rng):
             reference = backprop_gradient(self.model, (x, y), self.loss_fn)
         return gradient_cosine(self.model, read_grads(self.model), reference).total
 
