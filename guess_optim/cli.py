@@ -135,9 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,cosine,reproduce,bench}")
     methods = "; ".join(f"{k}: {m.summary}" for k, m in METHODS.items())
 
-    for name, text in _DELEGATED.items():
-        sub.add_parser(name, help=text, add_help=False)
-
     t = sub.add_parser(
         "train",
         help="train a model with a guessed-gradient method (paper Table 1)",
@@ -178,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir/last.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch lines stay)")
     t.set_defaults(func=_train)
-
+    for name, text in _DELEGATED.items():  # listed for --help; main() hands their arguments to their own parsers
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
