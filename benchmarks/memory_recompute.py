@@ -41,12 +41,13 @@ import platform
 import time
 from typing import Any
 
+from guess_optim import METHODS, get_estimator
 from guess_optim.bench import _maxrss_bytes, _reset_peak_rss, _rss_kib
 
 __all__ = ["CONFIGS", "main", "measure", "run_isolated", "table"]
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "backprop": {"method": "backprop"},
+    "backprop": {"method": next(m for m, cls in METHODS.items() if cls.space == "backprop")},
     "activations": {"store": "activations"},
     "recompute": {"store": "recompute"},
 }
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--{name} must be >= 1, got {getattr(ns, name)}")
     if ns.depth < 2:
         parser.error(f"--depth must be >= 2, got {ns.depth}")
-    if ns.method == "backprop":
+    if get_estimator(ns.method).space == "backprop":
         parser.error("--method must be a guessing method (backprop is always measured as the reference)")
     args = {k: getattr(ns, k) for k in ("depth", "width", "batch", "method", "residual", "device", "threads")}
 

@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
-from guess_optim import StableAdamW, attach
+from guess_optim import METHODS, attach
 from guess_optim.integrations.vpt import VisualPromptTuning, VPTConfig
+from guess_optim.optim import OPTIMIZERS, build_optimizer
 
 DATASETS: dict[str, dict[str, Any]] = {
     "cub200": {"title": "CUB-200-2011", "classes": 200,
@@ -148,14 +149,6 @@ def evaluate(model, loader) -> float:
     return correct / max(total, 1)
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float):
-    if name == "sgd":  # VPT's optimizer
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return StableAdamW(params, lr=lr, weight_decay=weight_decay)
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
@@ -166,7 +159,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-split", default="test")
     p.add_argument("--image-column", default="image", help="--hf-dataset: image column (default: image)")
     p.add_argument("--label-column", default="label", help="--hf-dataset: label column (default: label)")
-    p.add_argument("--method", choices=["backprop", "directional", "wt"], default="wt")
+    p.add_argument("--method", choices=tuple(METHODS), default="wt",
+                   help="a registered method; paper A.6 compares backprop, directional and wt (default: wt)")
     p.add_argument("--num-guesses", type=int, default=1, help="guesses averaged per step (default: 1)")
     p.add_argument("--deep", action="store_true", help="VPT-deep (default: VPT-shallow)")
     p.add_argument("--num-prompts", type=int, default=10)
@@ -179,7 +173,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", choices=["sgd", "adamw", "stable-adamw"], default="sgd",
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                    help="sgd (momentum 0.9) is VPT's; guessed estimates are much longer than the gradient (an "
                         "isotropic guess by about sqrt(dim)), so with directional/wt prefer adamw or stable-adamw, "
                         "or a far smaller --lr")
@@ -223,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                          num_workers=args.workers, drop_last=len(train) > args.batch_size)
     test_loader = torch.utils.data.DataLoader(test, batch_size=args.batch_size, num_workers=args.workers)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(args.optimizer, params, args.lr, args.weight_decay)
+    optimizer = build_optimizer(args.optimizer, params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     total = args.epochs * len(loader) if not args.max_steps else min(args.max_steps, args.epochs * len(loader))
     warmup = min(args.warmup_epochs * len(loader), max(total - 1, 0))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else

@@ -32,10 +32,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from guess_optim import attach
+from guess_optim import METHODS, attach
 from guess_optim.data import load_dataset
 
-METHODS = ("backprop", "directional", "wt")
+COMPARED = ("backprop", "directional", "wt")
+"""The methods of paper A.6 (Fig. 9): backprop, directional descent and W^T."""
 
 
 def vit_config(num_labels: int):
@@ -120,9 +121,9 @@ def plot(summary: dict, path: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    means = [100 * summary[m]["test_mean"] for m in METHODS]
-    stds = [100 * summary[m]["test_std"] for m in METHODS]
-    ax.bar(METHODS, means, yerr=stds, capsize=4, color=["#555555", "#d62728", "#1f77b4"])
+    means = [100 * summary[m]["test_mean"] for m in COMPARED]
+    stds = [100 * summary[m]["test_std"] for m in COMPARED]
+    ax.bar(COMPARED, means, yerr=stds, capsize=4, color=[METHODS[m].color for m in COMPARED])
     for i, (v, e) in enumerate(zip(means, stds, strict=True)):
         ax.text(i, v + e + 1, f"{v:.1f}", ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("test top-1 accuracy on digits 5-9 (%)")
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     state = backbone.state_dict()
 
     runs = []
-    for method in METHODS:
+    for method in COMPARED:
         for lr in args.lrs:
             for seed in args.seeds:
                 t = time.perf_counter()
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"[{time.perf_counter() - t:.1f} s]", flush=True)
 
     summary = {}
-    for method in METHODS:
+    for method in COMPARED:
         by_lr = {lr: [r for r in runs if r["method"] == method and r["lr"] == lr] for lr in args.lrs}
         best = max(args.lrs, key=lambda lr: mean_std([r["val"] for r in by_lr[lr]])[0])
         test_mean, test_std = mean_std([r["test"] for r in by_lr[best]])
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(result, f, indent=2)
     plotted = plot(summary, os.path.join(args.out_dir, "vpt_mnist.png"))
     print("\ntest top-1 accuracy on digits 5-9 (learning rate chosen on validation):")
-    for method in METHODS:
+    for method in COMPARED:
         s = summary[method]
         print(f"  {method:12s} {100 * s['test_mean']:5.1f} ± {100 * s['test_std']:.1f} %   (lr {s['lr']:g})")
     print(f"wrote {args.out_dir}/vpt_mnist.json" + (" and vpt_mnist.png" if plotted else " (no matplotlib: no plot)")

@@ -7,7 +7,8 @@ import contextlib
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode:
     ``path`` with :func:`os.replace` (atomic on POSIX and Windows). If ``write`` raises, the temporary file is
     removed and ``path`` is untouched.
 
+    The file gets the permissions ``open(path, "w")`` would give it: those of the file it replaces, or
+    ``0o666 & ~umask`` for a new file (not ``tempfile.mkstemp``'s private ``0o600``).
+
     Args:
         path: destination file; its directory must exist.
         write: called once with the open temporary file.
@@ -30,9 +34,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode:
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = _create_temporary(directory, os.path.basename(path))
     try:
         with os.fdopen(fd, mode) as f:
+            with contextlib.suppress(OSError):  # keep the permissions of the file being replaced
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -41,6 +47,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _create_temporary(directory: str, name: str) -> tuple[int, str]:
+    """A new file ``directory/.name.XXXXXXXX.tmp`` opened for writing, created with mode ``0o666`` so that the
+    process umask applies as for any new file."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {os.path.join(directory, name)!r}")
 
 
 def json_safe(x: Any) -> Any:

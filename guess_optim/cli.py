@@ -1,37 +1,36 @@
-"""The ``guess-optim`` command: ``train`` a model with guessed gradients, or measure every method's ``cosine``.
+"""The ``guess-optim`` command: ``train`` a model with guessed gradients; ``cosine``, ``reproduce`` and ``bench``.
 
 ``guess-optim train`` trains the paper's MLP (or a small ConvNet) on an embedded or torchvision dataset with
-:class:`~guess_optim.trainer.GuessedGradientTrainer` (paper Table 1). ``guess-optim cosine`` trains with backprop and
-measures, along that trajectory, the cosine similarity of each method's estimate to the true gradient on the same
-batch (paper §3, Fig. 1). Both can write their results as JSON (``--out``).
+:class:`~guess_optim.trainer.GuessedGradientTrainer` (paper Table 1) and can write its results as JSON (``--out``).
+``guess-optim cosine`` is ``guess-optim reproduce cosine`` (:mod:`guess_optim.reproduce.cosine`): every method's cosine
+similarity to the true gradient along a backprop trajectory (paper §3, Fig. 1). ``reproduce`` runs the paper's
+experiments (:mod:`guess_optim.reproduce`) and ``bench`` the benchmark, each with a parser of its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import __version__
+from ._checks import check_device, check_float, check_int
 from ._io import write_json
+from ._seeds import derive_seed
 from .data import DATASETS, load_dataset, make_loaders
-from .diagnostics import cosine_similarity
-from .guesses import METHODS
+from .estimators import METHODS, get_estimator
 from .models import ACTIVATIONS, MODELS, build_model
+from .optim import OPTIMIZERS, build_optimizer
 from .trainer import GuessedGradientTrainer
 
 __all__ = ["DEFAULT_EPOCHS", "OPTIMIZERS", "build_optimizer", "derive_seeds", "main"]
 
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adam", "stable-adamw")
 DEFAULT_EPOCHS = 20
 """Default ``--epochs`` of ``train``: about 10 s for ``wt`` on ``mnist-5k`` (3 x 128 MLP) on 2 CPU cores."""
 SPLIT_SEED = 0  # the mnist-5k/digits train/test split is fixed, whatever --seed is
@@ -43,86 +42,55 @@ def derive_seeds(seed: int) -> dict[str, int]:
     ``--seed`` itself seeds the global RNG (model initialization); the split seed is fixed (0).
 
     Returns:
-        ``{"init": seed, "loader": ..., "guesses": ...}``, each an int in ``[0, 2**63)``.
+        ``{"init": seed, "loader": derive_seed(seed, 1), "guesses": derive_seed(seed, 2)}``
+        (:func:`guess_optim._seeds.derive_seed`, the reproductions' derivation too).
     """
-    loader, guesses = (_sub_seed(seed, k) for k in (1, 2))
-    return {"init": seed, "loader": loader, "guesses": guesses}
-
-
-def _sub_seed(*keys: int) -> int:
-    """A seed in ``[0, 2**63)`` derived from ``keys`` (e.g. a distinct guess seed per measurement and method)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def build_optimizer(
-    name: str, params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
-) -> torch.optim.Optimizer:
-    """Build one of :data:`OPTIMIZERS` (``stable-adamw`` is :class:`guess_optim.optim.StableAdamW`, imported lazily).
-
-    Args:
-        name: ``"adamw"``, ``"sgd"``, ``"adam"`` or ``"stable-adamw"``.
-        params: the parameters to optimize.
-        lr: learning rate.
-        momentum: SGD momentum (ignored by the others). (default: 0.0)
-        weight_decay: decoupled (AdamW, StableAdamW) or L2 (SGD, Adam) weight decay. (default: 0.0)
-
-    Raises:
-        ValueError: unknown ``name``.
-        ImportError: ``stable-adamw`` while :mod:`guess_optim.optim` has no ``StableAdamW``.
-    """
-    params = list(params)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "stable-adamw":
-        try:
-            from .optim import StableAdamW
-        except ImportError as err:
-            raise ImportError("StableAdamW is not available in this version of guess_optim.optim") from err
-        return StableAdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"Invalid optimizer: {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    return {"init": seed, "loader": derive_seed(seed, 1), "guesses": derive_seed(seed, 2)}
 
 
 # ------------------------------------------------------------------------------------------------- argument types
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
-        return value
+def _checked(convert: type, check: Callable[..., Any], name: str, **bounds: Any) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``convert`` the text, then validate it with ``check(name, value, **bounds)`` from
+    :mod:`guess_optim._checks` (its message, which names the value, becomes argparse's error)."""
 
-    parse.__name__ = f"int>={low}"
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {convert.__name__} value: {text!r}") from None
+        try:
+            return check(name, value, **bounds)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = convert.__name__
     return parse
 
 
-def _float_at_least(low: float, *, strict: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be a finite float {'>' if strict else '>='} {low}, got {text}")
-        return value
-
-    parse.__name__ = "float"
-    return parse
+def _int_arg(name: str, low: int) -> Callable[[str], int]:
+    return _checked(int, check_int, name, low=low)
 
 
-def _method_list(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown method(s) {unknown or text!r}; choose from {', '.join(METHODS)} (comma-separated)"
-        )
-    return list(dict.fromkeys(names))
+def _float_arg(name: str, low: float, *, strict: bool = False) -> Callable[[str], float]:
+    return _checked(float, check_float, name, low=low, strict=strict)
+
+
+def _registered_method(text: str) -> str:
+    """``--method``: validated by the registry (:func:`guess_optim.get_estimator`), so registered estimators count."""
+    try:
+        get_estimator(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _device_arg(text: str) -> str:
+    """``--device``: a device this machine has (``--device cuda`` without a GPU is an argparse error, exit code 2)."""
+    try:
+        check_device("device", text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, depth: int, width: int) -> None:
@@ -134,20 +102,20 @@ def _add_model_args(p: argparse.ArgumentParser, *, depth: int, width: int) -> No
     )
     p.add_argument("--data-dir", default=None, help="root of the torchvision datasets")
     p.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
-    p.add_argument("--depth", type=_int_at_least(1), default=depth, help="MLP linear layers (default: %(default)s)")
-    p.add_argument("--width", type=_int_at_least(1), default=width, help="MLP hidden units (default: %(default)s)")
+    p.add_argument("--depth", type=_int_arg("depth", 1), default=depth, help="MLP linear layers (default: %(default)s)")
+    p.add_argument("--width", type=_int_arg("width", 1), default=width, help="MLP hidden units (default: %(default)s)")
     p.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu", help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=128, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_arg("batch_size", 1), default=128, help="(default: %(default)s)")
     p.add_argument(
         "--seed",
-        type=_int_at_least(0),
+        type=_int_arg("seed", 0),
         default=0,
         help="seeds model init; shuffling and guess seeds are derived from it (default: %(default)s)",
     )
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="torch device (default: %(default)s)")
     p.add_argument(
         "--threads",
-        type=_int_at_least(1),
+        type=_int_arg("threads", 1),
         default=None,
         metavar="N",
         help="torch.set_num_threads(N) for CPU runs, e.g. 1 when running several at once (default: torch's)",
@@ -156,7 +124,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, depth: int, width: int) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``guess-optim`` argument parser (subcommands ``train`` and ``cosine``)."""
+    """The ``guess-optim`` argument parser: ``train``, and the delegated ``cosine``, ``reproduce`` and ``bench`` (listed
+    here, parsed by their own parsers)."""
     parser = argparse.ArgumentParser(
         prog="guess-optim",
         description='Train PyTorch models with guessed gradients (Singhal et al., "How to Guess a Gradient", '
@@ -166,30 +135,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,cosine,reproduce,bench}")
     methods = "; ".join(f"{k}: {m.summary}" for k, m in METHODS.items())
 
-    for name, text in _DELEGATED.items():
-        sub.add_parser(name, help=text, add_help=False)
-
     t = sub.add_parser(
         "train",
         help="train a model with a guessed-gradient method (paper Table 1)",
         description="Train a model with guessed gradients; print per epoch the train loss, "
         "train/test accuracy and the mean cosine to the true gradient. Methods: " + methods,
     )
-    t.add_argument("--method", choices=tuple(METHODS), default="wt", help="(default: %(default)s)")
+    t.add_argument(
+        "--method",
+        type=_registered_method,
+        default="wt",
+        metavar="{" + ",".join(METHODS) + "}",
+        help="a registered method (default: %(default)s)",
+    )
     t.add_argument("--model", choices=MODELS, default="mlp", help="(default: %(default)s)")
     _add_model_args(t, depth=3, width=128)
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="(default: %(default)s)")
-    t.add_argument("--lr", type=_float_at_least(0.0, strict=True), default=1e-3, help="(default: %(default)s)")
-    t.add_argument("--momentum", type=_float_at_least(0.0), default=0.0, help="SGD momentum (default: %(default)s)")
-    t.add_argument("--weight-decay", type=_float_at_least(0.0), default=0.0, help="(default: %(default)s)")
-    t.add_argument("--epochs", type=_int_at_least(1), default=DEFAULT_EPOCHS, help="(default: %(default)s)")
+    t.add_argument("--lr", type=_float_arg("lr", 0.0, strict=True), default=1e-3, help="(default: %(default)s)")
     t.add_argument(
-        "--num-guesses", type=_int_at_least(1), default=1, help="guesses averaged per step (default: %(default)s)"
+        "--momentum", type=_float_arg("momentum", 0.0), default=0.0, help="SGD momentum (default: %(default)s)"
+    )
+    t.add_argument("--weight-decay", type=_float_arg("weight_decay", 0.0), default=0.0, help="(default: %(default)s)")
+    t.add_argument("--epochs", type=_int_arg("epochs", 1), default=DEFAULT_EPOCHS, help="(default: %(default)s)")
+    t.add_argument(
+        "--num-guesses",
+        type=_int_arg("num_guesses", 1),
+        default=1,
+        help="guesses averaged per step (default: %(default)s)",
     )
     t.add_argument("--exact-head", action="store_true", help="exact (local) gradient for the output layer")
     t.add_argument(
         "--track-cosine",
-        type=_int_at_least(0),
+        type=_int_arg("track_cosine", 0),
         default=10,
         metavar="N",
         help="every N steps, cosine of the estimate to the backprop gradient; 0 turns it off (default: %(default)s)",
@@ -198,33 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir/last.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch lines stay)")
     t.set_defaults(func=_train)
-
-    c = sub.add_parser(
-        "cosine",
-        help="cosine similarity of every method to backprop along a backprop trajectory",
-        description="Train the MLP with backprop (AdamW) and, every --every steps, measure each "
-        "method's cosine similarity to the true gradient on the same batch (paper Fig. 1; "
-        "the paper's size is the default --depth 6 --width 1024).",
-    )
-    c.add_argument(
-        "--methods",
-        type=_method_list,
-        default=list(METHODS),
-        metavar="A,B,...",
-        help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
-    )
-    _add_model_args(c, depth=6, width=1024)
-    c.add_argument(
-        "--lr",
-        type=_float_at_least(0.0, strict=True),
-        default=1e-3,
-        help="AdamW learning rate of the backprop trajectory (default: %(default)s)",
-    )
-    c.add_argument("--steps", type=_int_at_least(1), default=200, help="backprop steps (default: %(default)s)")
-    c.add_argument(
-        "--every", type=_int_at_least(1), default=10, help="measure at steps 0, N, 2N, ... (default: %(default)s)"
-    )
-    c.set_defaults(func=_cosine)
+    for name, text in _DELEGATED.items():  # listed for --help; main() hands their arguments to their own parsers
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -301,88 +253,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cosine(args: argparse.Namespace) -> int:
-    seeds = derive_seeds(args.seed)
-    splits = _load(args)
-    device = torch.device(args.device)
-    train_loader, _ = make_loaders(splits, args.batch_size, seed=seeds["loader"], device=device)
-    torch.manual_seed(seeds["init"])
-    model = _model(args, splits).to(device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    loss_fn = F.cross_entropy
-    methods: list[str] = args.methods
-    records: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    step = 0
-
-    def batches():
-        while True:
-            yield from train_loader
-
-    for x, y in batches():
-        if step >= args.steps:
-            break
-        if step % args.every == 0:
-            row: dict[str, Any] = {"step": step, "cosine": {}, "per_layer": {}}
-            for i, name in enumerate(methods):
-                rep = cosine_similarity(model, name, (x, y), loss_fn, seed=_sub_seed(seeds["guesses"], step, i))
-                row["cosine"][name] = rep.total
-                row["per_layer"][name] = rep.per_layer
-            records.append(row)
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-        step += 1
-    seconds = time.perf_counter() - start
-
-    means = {m: float(np.mean([r["cosine"][m] for r in records])) for m in methods}
-    layers = list(records[0]["per_layer"][methods[0]]) if records else []
-    per_layer_means = {
-        m: {layer: float(np.mean([r["per_layer"][m][layer] for r in records])) for layer in layers} for m in methods
-    }
-    base = means.get("directional")
-    ratios = {m: (v / base if base else None) for m, v in means.items()}
-    print(
-        f"cosine similarity to backprop, {args.depth}x{args.width} MLP on {args.dataset}, "
-        f"{len(records)} measurements over {args.steps} backprop steps ({seconds:.0f}s)"
-    )
-    print(f"{'method':<16} {'mean cosine':>12} {'x directional':>14}")
-    for m in methods:
-        ratio = "-" if ratios[m] is None else f"{ratios[m]:.1f}"
-        print(f"{m:<16} {means[m]:>12.5f} {ratio:>14}")
-    if args.out:
-        write_json(
-            args.out,
-            {
-                "command": "cosine",
-                "dataset": args.dataset,
-                "depth": args.depth,
-                "width": args.width,
-                "methods": methods,
-                "steps": args.steps,
-                "every": args.every,
-                "mean_cosine": means,
-                "ratio_to_directional": ratios,
-                "per_layer_mean_cosine": per_layer_means,
-                "measurements": records,
-                "seconds": seconds,
-                "seeds": seeds,
-                "config": {k: v for k, v in vars(args).items() if k != "func"},
-                "versions": _versions(),
-            },
-            indent=2,
-        )
-    return 0
-
-
 _DELEGATED = {
+    "cosine": "every method's cosine to backprop along a backprop trajectory (paper Fig. 1 left); the same command as "
+    "'guess-optim reproduce cosine' (guess-optim cosine --help)",
     "reproduce": "reproduce the paper's tables and figures (guess-optim reproduce --help)",
     "bench": "time and memory of guessed steps against backprop (guess-optim bench --help)",
 }
 
 
 def _run_delegated(command: str, argv: list[str]) -> int:
+    if command == "cosine":  # one implementation and one set of defaults: the reproduction's
+        if any(a == "--out" or a.startswith("--out=") for a in argv):
+            print("guess-optim cosine: error: --out FILE.json was replaced by --out-dir DIR, which receives "
+                  "cosine.json and cosine.png (as guess-optim reproduce cosine)", file=sys.stderr)
+            return 2
+        from .reproduce import main as reproduce_main
+
+        return reproduce_main(["cosine", *argv], prog="guess-optim")
     if command == "reproduce":
         from .reproduce import main as reproduce_main
 
@@ -395,8 +282,8 @@ def _run_delegated(command: str, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``guess-optim`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
-    Exit codes: 0 on success; 2 for bad flags (argparse) or a missing dataset (the message, with how to get it,
-    goes to stderr, without a traceback); 130 on ``KeyboardInterrupt``.
+    Exit codes: 0 on success; 2 for bad flags (argparse; also a ``--device`` this machine does not have) or a missing
+    dataset (the message, with how to get it, goes to stderr, without a traceback); 130 on ``KeyboardInterrupt``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:  # sub-commands with parsers of their own
@@ -406,8 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         if args.resume and not args.checkpoint_dir:
             parser.error("--resume needs --checkpoint-dir DIR (the directory that holds last.pt)")
-        if args.method == "backprop" and (args.num_guesses != 1 or args.exact_head):
-            parser.error("--num-guesses and --exact-head apply to guessed methods, not --method backprop")
+        if get_estimator(args.method).space == "backprop" and (args.num_guesses != 1 or args.exact_head):
+            parser.error(f"--num-guesses and --exact-head apply to guessed methods, not --method {args.method}")
         if args.momentum and args.optimizer != "sgd":
             parser.error(f"--momentum applies to --optimizer sgd only, not {args.optimizer!r}")
     if args.out:  # fail now, not after training, if the results cannot be written there

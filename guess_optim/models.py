@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._checks import check_choice, check_int
+
 __all__ = ["ACTIVATIONS", "MLP", "ConvNet", "MODELS", "build_model"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -51,12 +53,10 @@ class MLP(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        for arg, value in (("in_features", in_features), ("num_classes", num_classes), ("depth", depth),
-                           ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        in_features = check_int("in_features", in_features, low=1)
+        num_classes = check_int("num_classes", num_classes, low=1)
+        depth, width = check_int("depth", depth, low=1), check_int("width", width, low=1)
+        check_choice("activation", activation, ACTIVATIONS)
         self.in_features, self.num_classes = in_features, num_classes
         self.depth, self.width, self.activation = depth, width, activation
         sizes = [in_features] + [width] * (depth - 1) + [num_classes]
@@ -91,9 +91,8 @@ class ConvNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
-        for arg, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+        in_channels = check_int("in_channels", in_channels, low=1)
+        num_classes = check_int("num_classes", num_classes, low=1)
         self.layers = nn.Sequential(
             nn.Conv2d(in_channels, 16, 3, padding=1),
             nn.ReLU(),

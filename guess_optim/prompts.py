@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_choice, check_int
+
 __all__ = ["PromptTokens"]
 
 
@@ -36,11 +38,9 @@ class PromptTokens(nn.Module):
 
     def __init__(self, num_tokens: int, dim: int, *, init: str = "vpt", patch_size: int = 16):
         super().__init__()
-        for name, v in (("num_tokens", num_tokens), ("dim", dim), ("patch_size", patch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"Invalid {name}: {v!r}; expected an int >= 1")
-        if init not in ("vpt", "zeros", "normal"):
-            raise ValueError(f"Invalid init: {init!r}; expected 'vpt', 'zeros' or 'normal'")
+        num_tokens, dim = check_int("num_tokens", num_tokens, low=1), check_int("dim", dim, low=1)
+        patch_size = check_int("patch_size", patch_size, low=1)
+        check_choice("init", init, ("vpt", "zeros", "normal"))
         self.num_tokens, self.dim = num_tokens, dim
         self.weight = nn.Parameter(torch.empty(num_tokens, dim))
         with torch.no_grad():

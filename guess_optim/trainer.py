@@ -20,10 +20,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ._checks import check_int
 from ._io import atomic_write
+from ._rng import capture_rng, cuda_devices, replayed_rng
 from .diagnostics import backprop_gradient, gradient_cosine, read_grads
 from .engine import attach
-from .guesses import get_method
+from .estimators import get_estimator
 
 __all__ = ["CHECKPOINT_NAME", "GuessedGradientTrainer", "atomic_write"]
 
@@ -76,8 +78,8 @@ class GuessedGradientTrainer:
         device: where the model and batches go. (default: ``"cpu"``)
         track_cosine: every ``track_cosine`` optimizer steps (counted over the whole run from step 0), the cosine
             similarity of the estimate in ``p.grad`` to the backprop gradient of the same batch (paper §3, Fig. 1);
-            0 turns it off. The reference is computed under a forked RNG, so tracking does not change the training
-            trajectory. (default: 0)
+            0 turns it off. The reference replays the step's global RNG state (same dropout masks; the training
+            trajectory is not changed by tracking). (default: 0)
         progress: show a ``tqdm`` progress bar over each epoch's steps. (default: ``True``)
         verbose: print one line per epoch with ``tqdm.write``. (default: ``True``)
         checkpoint_dir: if given, save ``checkpoint_dir/last.pt`` atomically after every epoch (created if
@@ -94,7 +96,7 @@ class GuessedGradientTrainer:
         handle: the :class:`~guess_optim.GuessHandle` while :meth:`fit` runs, else ``None``.
 
     Raises:
-        ValueError: unknown ``method`` (from :func:`~guess_optim.guesses.get_method`), ``track_cosine`` not an int
+        ValueError: unknown ``method`` (from :func:`~guess_optim.get_estimator`), ``track_cosine`` not an int
             >= 0, or ``seed`` not an int >= 0.
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
     """
@@ -114,11 +116,9 @@ class GuessedGradientTrainer:
         checkpoint_dir: str | os.PathLike | None = None,
         **attach_kwargs: Any,
     ) -> None:
-        get_method(method)  # unknown method: the registry's ValueError, before anything else
-        if isinstance(track_cosine, bool) or not isinstance(track_cosine, int) or track_cosine < 0:
-            raise ValueError(f"Invalid track_cosine: {track_cosine!r}; expected an int >= 0 (0 turns it off)")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Invalid seed: {seed!r}; expected an int >= 0")
+        get_estimator(method)  # unknown method: the registry's ValueError, before anything else
+        track_cosine = check_int("track_cosine", track_cosine, low=0)
+        seed = check_int("seed", seed, low=0)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.device = torch.device(device)
@@ -174,8 +174,7 @@ class GuessedGradientTrainer:
                 written for another method.
             FileNotFoundError: ``resume=True`` and ``checkpoint_dir/last.pt`` does not exist.
         """
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"Invalid epochs: {epochs!r}; expected an int >= 1")
+        epochs = check_int("epochs", epochs, low=1)
         if resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir= (the directory that holds last.pt)")
         checkpoint = self._read_checkpoint() if resume else None
@@ -248,6 +247,8 @@ class GuessedGradientTrainer:
         """One optimizer step; returns ``(loss, skipped, cosine or None)``."""
         step = self.global_step
         self.global_step += 1
+        track = bool(self.track_cosine) and step % self.track_cosine == 0
+        rng = capture_rng(cuda_devices(self.model.parameters())) if track else None  # the step's dropout masks
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x), y)
         loss.backward()
@@ -261,8 +262,8 @@ class GuessedGradientTrainer:
         else:
             skipped = self.handle.last_step_skipped
         cos = None
-        if self.track_cosine and step % self.track_cosine == 0 and not skipped:
-            cos = self._cosine(x, y)
+        if track and not skipped:
+            cos = self._cosine(x, y, rng)
             self.cosines.append((step, cos))
         if skipped:
             self.skipped_steps += 1
@@ -270,10 +271,11 @@ class GuessedGradientTrainer:
             self.optimizer.step()
         return value, skipped, cos
 
-    def _cosine(self, x: Any, y: Tensor) -> float:
-        """Cosine of ``p.grad`` (the estimate the optimizer is about to use) to backprop's gradient on ``(x, y)``."""
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # dropout in the reference forward must not shift the RNG
+    def _cosine(self, x: Any, y: Tensor, rng: dict[str, Any]) -> float:
+        """Cosine of ``p.grad`` (the estimate the optimizer is about to use) to backprop's gradient on ``(x, y)``,
+        whose forward replays the global RNG state ``rng`` of the step's forward: the same dropout masks, and the
+        training RNG stream is not moved."""
+        with replayed_rng(rng):
             reference = backprop_gradient(self.model, (x, y), self.loss_fn)
         return gradient_cosine(self.model, read_grads(self.model), reference).total
 

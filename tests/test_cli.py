@@ -62,6 +62,17 @@ def test_train_writes_every_field(tmp_path, capsys):
     assert "epoch 2/2" in out and "cosine" in out and "test acc" in out
 
 
+def test_one_seed_derivation_for_train_and_the_reproductions():
+    """Regression: the CLI and the reproductions derived seeds with two different helpers."""
+    from guess_optim._seeds import derive_seed
+    from guess_optim.reproduce import _common
+
+    assert derive_seeds(5) == {"init": 5, "loader": derive_seed(5, 1), "guesses": derive_seed(5, 2)}
+    assert _common.derive_seed is derive_seed
+    assert len({derive_seed(5, k) for k in range(100)}) == 100
+    assert all(0 <= derive_seed(s, k) < 2**62 for s in (0, 2**40) for k in range(10))
+
+
 def test_train_is_deterministic_and_tracking_off(tmp_path):
     _, a = train(tmp_path, "--track-cosine", "0", name="a.json")
     _, b = train(tmp_path, "--track-cosine", "0", name="b.json")
@@ -130,47 +141,71 @@ def test_bad_flags_are_argparse_errors(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
+COSINE = ["--dataset", "digits", "--depth", "3", "--width", "16", "--steps", "6", "--every", "3", "--repeats", "1",
+          "--no-progress"]
+
+
 def test_cosine_table_and_json(tmp_path, capsys):
-    out = tmp_path / "cos.json"
-    code = main(
-        [
-            "cosine",
-            "--dataset",
-            "digits",
-            "--depth",
-            "3",
-            "--width",
-            "16",
-            "--steps",
-            "6",
-            "--every",
-            "3",
-            "--out",
-            str(out),
-        ]
-    )
+    code = main(["cosine", *COSINE, "--out-dir", str(tmp_path)])
     assert code == 0
-    r = json.loads(out.read_text())
-    assert r["methods"] == list(METHODS)
-    assert [m["step"] for m in r["measurements"]] == [0, 3]
-    for m in r["measurements"]:
-        assert all(abs(c) <= 1 + 1e-12 for c in m["cosine"].values())
-        assert set(m["per_layer"]["wt"]) == {"layers.1", "layers.3", "layers.5"}
-    assert set(r["mean_cosine"]) == set(METHODS)
-    assert r["mean_cosine"]["backprop"] == pytest.approx(1.0)
-    assert r["ratio_to_directional"]["directional"] == 1.0
-    assert r["mean_cosine"]["directional"] > 0  # (g.V)V has a non-negative cosine with g
-    table = capsys.readouterr().out
-    for name in METHODS:
-        assert name in table
-    assert "x directional" in table
+    r = json.loads((tmp_path / "cosine.json").read_text())
+    assert r["experiment"] == "cosine" and (tmp_path / "cosine.png").is_file()
+    guessed = [m for m, cls in METHODS.items() if cls.space != "backprop"]
+    assert r["config"]["methods"] == guessed
+    res = r["results"]
+    assert res["steps"] == [0, 3, 6]
+    assert all(abs(c) <= 1 + 1e-12 for curve in res["curves"].values() for c in curve)
+    assert set(res["per_layer"]["wt"]) == {"layers.1", "layers.3", "layers.5"}
+    assert set(res["mean"]) == set(guessed)
+    assert res["ratio_to_directional"]["directional"] == 1.0
+    assert res["mean"]["directional"] > 0  # (g.V)V has a non-negative cosine with g
+    out = capsys.readouterr().out
+    for name in guessed:
+        assert name in out
+    assert "x directional" in out and "wrote 2 files" in out and "cosine.json" in out
 
 
 def test_cosine_without_directional_has_no_ratio(tmp_path):
-    out = tmp_path / "cos.json"
-    assert main(["cosine", *TINY, "--methods", "wt,activation", "--steps", "2", "--every", "1", "--out", str(out)]) == 0
-    r = json.loads(out.read_text())
-    assert r["methods"] == ["wt", "activation"] and r["ratio_to_directional"] == {"wt": None, "activation": None}
+    assert main(["cosine", *COSINE, "--methods", "wt,activation", "--out-dir", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "cosine.json").read_text())
+    assert r["config"]["methods"] == ["wt", "activation"]
+    assert r["results"]["ratio_to_directional"] == {"wt": None, "activation": None}
+
+
+def test_cosine_is_the_reproduce_command(tmp_path, capsys):
+    """Regression: guess-optim cosine and guess-optim reproduce cosine were two implementations with different
+    defaults (6x1024, 200 steps vs 6x256, 300 steps). Now one command: same flags, defaults and numbers."""
+    from guess_optim.reproduce import build_parser
+
+    for argv in (["cosine", "--help"], ["reproduce", "cosine", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+    alias, full = capsys.readouterr().out.split("usage: guess-optim reproduce cosine")
+    assert alias.startswith("usage: guess-optim cosine")
+    assert alias.split("options:")[1] == full.split("options:")[1]
+    defaults = vars(build_parser().parse_args(["cosine"]))
+    assert (defaults["depth"], defaults["width"], defaults["steps"], defaults["every"]) == (6, 256, 300, 25)
+    assert main(["cosine", *COSINE, "--methods", "wt", "--out-dir", str(tmp_path / "a")]) == 0
+    assert main(["reproduce", "cosine", *COSINE, "--methods", "wt", "--out-dir", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "cosine.json").read_text()) for d in ("a", "b"))
+    assert a["results"] == b["results"] and a["config"] == b["config"]
+
+
+def test_cosine_out_flag_points_to_out_dir(capsys):
+    assert main(["cosine", "--out", "cos.json"]) == 2
+    assert "--out-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["train"], ["cosine"]])
+def test_device_without_cuda_is_a_clear_error(command, monkeypatch, capsys):
+    """Regression: ``--device cuda`` on a machine without a GPU ended in a raw traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "Invalid device: 'cuda'; CUDA is not available" in err and "Traceback" not in err
 
 
 def test_reproduce_is_a_subcommand(capsys):

@@ -2,7 +2,7 @@
 
 The reference for a fixed guess: from backprop's per-example pre-activation gradients ``g_{i,b} = ∂L/∂s_{i,b}``,
 the directional derivative is ``d_b = Σ_i <g_{i,b}, u_{i,b}>`` and the estimate of ``W_i`` is
-``Σ_b d_b u_{i,b} x_{i,b}^T`` (DESIGN.md §3); for ``directional`` ``d = Σ_i <∂L/∂W_i, V_i>`` and the estimate is
+``Σ_b d_b u_{i,b} x_{i,b}^T`` (paper §2.1, A.4); for ``directional`` ``d = Σ_i <∂L/∂W_i, V_i>`` and the estimate is
 ``d V_i``.
 """
 

@@ -6,7 +6,7 @@ Each model is checked against backprop computed independently in the test, in fl
 * exact formula, one guess: from backprop's per-example gradients ``g_{i,b} = ∂L/∂s_{i,b}`` at every guess point
   (``retain_grad`` on each guess point's output in a deep copy taken before attaching), the directional derivative
   is ``d_b = Σ_i <g_{i,b}, u_{i,b}>`` and the estimate of module ``i``'s parameters is the VJP through that single
-  module of ``d_b u_{i,b}`` (DESIGN.md §3); for ``directional``, ``(Σ_i <∂L/∂θ_i, V_i>) V_i``;
+  module of ``d_b u_{i,b}`` (paper §2.1, A.4); for ``directional``, ``(Σ_i <∂L/∂θ_i, V_i>) V_i``;
 * unbiasedness: ``activation`` and ``directional`` averaged over many guesses approach backprop's gradient;
 * training: every method lowers the loss on ``mnist-5k`` (a subset in the default run, all pairs in the slow set);
 * ``store="recompute"`` gives the estimate of ``store="activations"``; dropout masks are the user's; BatchNorm (eval:

@@ -7,6 +7,7 @@ import copy
 import importlib
 import math
 import os
+import stat
 import sys
 
 import pytest
@@ -30,7 +31,7 @@ from guess_optim import StableAdamW, attach, handle_of  # noqa: E402
 from guess_optim.integrations.hf import (  # noqa: E402
     STATE_NAME,
     GuessedGradientCallback,
-    GuessedGradientTrainer,
+    HFGuessedGradientTrainer,
     find_head,
 )
 from guess_optim.integrations.vpt import VisualPromptTuning, VPTConfig  # noqa: E402
@@ -45,6 +46,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class Images(torch.utils.data.Dataset):
@@ -186,6 +193,8 @@ def test_logs_checkpoints_and_evaluation(run):
         assert (folder / f"{STATE_NAME}.pt").is_file() and (folder / "optimizer.pt").is_file()
         saved = torch.load(folder / f"{STATE_NAME}.pt", weights_only=True)
         assert saved["global_step"] == step and saved["handle"]["seed"] == 0
+        if os.name == "posix":  # an ordinary file's mode, not mkstemp's 0600
+            assert stat.S_IMODE(os.stat(folder / f"{STATE_NAME}.pt").st_mode) == 0o666 & ~current_umask()
     # evaluation runs the plain model: the Trainer's eval loss is the eval-mode, no-grad loss
     model = run["model"].eval()
     data = Images(8, seed=1)
@@ -196,7 +205,7 @@ def test_logs_checkpoints_and_evaluation(run):
 
 def test_resume_matches_uninterrupted_run(run, tmp_path):
     """Resuming from checkpoint-2 (optimizer, scheduler, data order and guess generators) ends bit-identical to the
-    uninterrupted run; GuessedGradientTrainer restores from exactly the checkpoint it is given."""
+    uninterrupted run; HFGuessedGradientTrainer restores from exactly the checkpoint it is given."""
     out = tmp_path / "resumed"
     checkpoint = str(out / "checkpoint-2")
     import shutil
@@ -204,7 +213,7 @@ def test_resume_matches_uninterrupted_run(run, tmp_path):
     shutil.copytree(run["out"] / "checkpoint-2", checkpoint)
     model = vpt_model()
     args = arguments(out, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2)
-    trainer = GuessedGradientTrainer(model=model, args=args, train_dataset=Images(), eval_dataset=Images(8, seed=1),
+    trainer = HFGuessedGradientTrainer(model=model, args=args, train_dataset=Images(), eval_dataset=Images(8, seed=1),
                                      guess_method="wt")
     trainer.train(resume_from_checkpoint=checkpoint)
     for (n, p), q in zip(model.named_parameters(), run["model"].parameters(), strict=True):
@@ -215,16 +224,27 @@ def test_resume_matches_uninterrupted_run(run, tmp_path):
     # without the guess state the run still resumes, with a warning (the guesses restart from the seed)
     os.remove(os.path.join(checkpoint, f"{STATE_NAME}.pt"))
     model = vpt_model()
-    trainer = GuessedGradientTrainer(model=model, args=arguments(tmp_path / "again"), train_dataset=Images())
+    trainer = HFGuessedGradientTrainer(model=model, args=arguments(tmp_path / "again"), train_dataset=Images())
     with pytest.warns(RuntimeWarning, match="without a guess_optim state"):
         trainer.train(resume_from_checkpoint=checkpoint)
     assert not all(torch.equal(p, q) for p, q in zip(model.prompts.parameters(), run["model"].prompts.parameters(),
                                                         strict=True))
 
 
+def test_cosine_reference_replays_the_dropout_masks(tmp_path):
+    """The cosine's backprop reference replays each micro-batch under the global RNG state captured at its forward
+    (guess_optim._rng): with method="backprop" and prompt dropout the estimate is the reference, cosine 1."""
+    model = VisualPromptTuning(tiny_vit(), VPTConfig(num_prompt_tokens=2, deep=True, prompt_dropout=0.5))
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=Images(),
+                      callbacks=[GuessedGradientCallback("backprop", log_cosine_every=1)])
+    trainer.train()
+    cosines = [h["guess_cosine"] for h in trainer.state.log_history if "guess_cosine" in h]
+    assert len(cosines) == 2 and all(c == pytest.approx(1.0, abs=1e-6) for c in cosines)
+
+
 def test_clipping_and_stable_adamw(tmp_path):
     spy = Spy()
-    trainer = GuessedGradientTrainer(model=vpt_model(), args=arguments(tmp_path, max_steps=2, max_grad_norm=0.05),
+    trainer = HFGuessedGradientTrainer(model=vpt_model(), args=arguments(tmp_path, max_steps=2, max_grad_norm=0.05),
                                      train_dataset=Images(), callbacks=[spy], guess_optimizer="stable-adamw")
     trainer.train()
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
@@ -234,6 +254,18 @@ def test_clipping_and_stable_adamw(tmp_path):
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
         assert log["grad_norm"] > 0.05  # the estimate's norm before clipping
         assert norm <= 0.05 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_guess_optimizer_comes_from_the_factory_with_the_trainers_groups(tmp_path, name):
+    args = arguments(tmp_path, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-7)
+    trainer = HFGuessedGradientTrainer(model=vpt_model(), args=args, train_dataset=Images(), guess_optimizer=name)
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.1]  # none on biases and norms
+    assert optimizer.defaults["lr"] == 1e-2
+    if name == "adamw":
+        assert optimizer.defaults["betas"] == (0.8, 0.9) and optimizer.defaults["eps"] == 1e-7
 
 
 def test_non_finite_micro_batch_drops_the_optimizer_step(tmp_path):
@@ -299,7 +331,7 @@ def test_plain_hf_model_head_found_and_raw_parameters(tmp_path):
     """A plain ViTForImageClassification (ModelOutput, loss inside forward): the head is found; its cls_token and
     position embeddings need raw_parameters="directional"."""
     spy = Spy()
-    trainer = GuessedGradientTrainer(model=tiny_vit(), args=arguments(tmp_path, max_steps=1,
+    trainer = HFGuessedGradientTrainer(model=tiny_vit(), args=arguments(tmp_path, max_steps=1,
                                                                        gradient_accumulation_steps=1),
                                      train_dataset=Images(), callbacks=[spy], guess_method="wt",
                                      guess_kwargs={"raw_parameters": "directional"})
@@ -355,8 +387,8 @@ BAD_ARGUMENTS = [
     (lambda: GuessedGradientCallback(seed=-3), ValueError, "seed"),
     (lambda: GuessedGradientCallback(head=nn.Linear(1, 1), head_fn=lambda m: m), ValueError, "either"),
     (lambda: GuessedGradientCallback(method="wt", model=None), ValueError, "model"),
-    (lambda: GuessedGradientTrainer(model=nn.Linear(1, 1), guess_optimizer="lion"), ValueError, "guess_optimizer"),
-    (lambda: GuessedGradientTrainer(model=nn.Linear(1, 1), guess_optimizer="stable-adamw",
+    (lambda: HFGuessedGradientTrainer(model=nn.Linear(1, 1), guess_optimizer="lion"), ValueError, "guess_optimizer"),
+    (lambda: HFGuessedGradientTrainer(model=nn.Linear(1, 1), guess_optimizer="stable-adamw",
                                     optimizer_cls_and_kwargs=(torch.optim.SGD, {})), ValueError, "guess_optimizer"),
 ]
 
@@ -365,6 +397,22 @@ BAD_ARGUMENTS = [
 def test_bad_arguments(build, error, pattern):
     with pytest.raises(error, match=pattern):
         build()
+
+
+def test_old_trainer_name_is_a_deprecated_alias():
+    """Regression: two public classes were named GuessedGradientTrainer (the plain loop and this subclass)."""
+    import guess_optim
+    from guess_optim.integrations import hf
+
+    with pytest.warns(DeprecationWarning, match="renamed HFGuessedGradientTrainer"):
+        from guess_optim.integrations.hf import GuessedGradientTrainer
+    assert GuessedGradientTrainer is HFGuessedGradientTrainer
+    with pytest.warns(DeprecationWarning, match="renamed HFGuessedGradientTrainer"):
+        assert hf.GuessedGradientTrainer is HFGuessedGradientTrainer
+    assert "GuessedGradientTrainer" not in hf.__all__
+    assert guess_optim.GuessedGradientTrainer is not HFGuessedGradientTrainer
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        hf.Nope  # noqa: B018
 
 
 def test_missing_transformers_gives_install_hint(monkeypatch):

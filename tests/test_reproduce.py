@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from guess_optim.reproduce import (
+    EXPERIMENTS,
     BiasConfig,
     CosineConfig,
     DownstreamDepthConfig,
@@ -70,6 +71,11 @@ def check_files(record, tmp_path, name):
     assert set(on_disk) >= {"config", "versions", "seconds", "paper"}
     png = (tmp_path / f"{name}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    # the text table the command prints (regression: `guess-optim reproduce <name>` printed no numbers)
+    table = EXPERIMENTS[name].summary(on_disk)
+    lines = table.splitlines()
+    assert len(lines) >= 4 and any(set(line) <= {"-", " "} for line in lines)
+    assert any(ch.isdigit() for line in lines[3:] for ch in line)
 
 
 def in_unit(values, low=0.0):
@@ -310,7 +316,9 @@ def test_main_writes_files(tmp_path, capsys):
                "--every", "2", "--repeats", "1", "--batch-size", "16", "--methods", "directional,wt"])
     assert rc == 0
     assert (tmp_path / "cosine.json").is_file() and (tmp_path / "cosine.png").is_file()
-    assert "cosine.json" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mean cosine" in out and "x directional" in out  # the results table
+    assert f"wrote 2 files to {tmp_path}: cosine.json (" in out and "cosine.png (" in out
     rec = json.loads((tmp_path / "cosine.json").read_text())
     assert rec["config"]["methods"] == ["directional", "wt"] and rec["config"]["width"] == 8
 

@@ -222,6 +222,20 @@ def test_save_and_load_prompts_round_trip(tmp_path, suffix):
         VisualPromptTuning(copy.deepcopy(fresh_vit), VPTConfig(num_prompt_tokens=2)).load_prompts(path)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_saved_prompts_get_an_ordinary_files_mode(tmp_path, suffix):
+    """Regression: the atomic write went through mkstemp and left the file readable by its owner only (0600)."""
+    model = VisualPromptTuning(tiny_vit(), VPTConfig(num_prompt_tokens=2))
+    path = tmp_path / f"prompts{suffix}"
+    old = os.umask(0o022)
+    try:
+        model.save_prompts(path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
 def test_save_failure_leaves_previous_file(tmp_path, monkeypatch):
     model = VisualPromptTuning(tiny_vit(), VPTConfig(num_prompt_tokens=2))
     path = tmp_path / "prompts.pt"

@@ -2,8 +2,9 @@
 
 :class:`GuessedGradientCallback` attaches :func:`guess_optim.attach` to the Trainer's model when training begins and
 removes it when training ends. Everything else is the Trainer's own loop: the estimates reach ``p.grad`` through
-autograd (DESIGN.md §4), so gradient accumulation, loss scaling, ``max_grad_norm`` clipping, DDP's all-reduce, LR
-schedulers, logging, checkpoints and evaluation (which runs the plain model: eval mode, no grad) work unchanged.
+autograd (README, "How it works"), so gradient accumulation, loss scaling, ``max_grad_norm`` clipping, DDP's
+all-reduce, LR schedulers, logging, checkpoints and evaluation (which runs the plain model: eval mode, no grad) work
+unchanged.
 What the callback adds:
 
 * **Head.** Hugging Face models return a ``ModelOutput`` and compute their loss inside ``forward``; the guessing
@@ -29,9 +30,9 @@ What the callback adds:
 Example::
 
     from transformers import TrainingArguments
-    from guess_optim.integrations.hf import GuessedGradientTrainer
+    from guess_optim.integrations.hf import HFGuessedGradientTrainer
 
-    trainer = GuessedGradientTrainer(
+    trainer = HFGuessedGradientTrainer(
         model=model, args=TrainingArguments("out", max_steps=1000, gradient_accumulation_steps=4),
         train_dataset=train, eval_dataset=test,
         guess_method="wt", guess_kwargs={"log_cosine_every": 100}, guess_optimizer="stable-adamw",
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -53,9 +53,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from guess_optim import StableAdamW, attach, handle_of
+from guess_optim import attach, handle_of
+from guess_optim._checks import check_choice, check_int
+from guess_optim._io import atomic_write
+from guess_optim._rng import capture_rng, cuda_devices, replayed_rng
 from guess_optim.diagnostics import gradient_cosine
-from guess_optim.guesses import get_method
+from guess_optim.estimators import get_estimator
+from guess_optim.optim import OPTIMIZERS, optimizer_cls_and_kwargs
 
 try:
     import transformers
@@ -66,13 +70,15 @@ except ImportError as _err:  # pragma: no cover - exercised by a test with trans
         f'guess_optim.integrations.hf needs transformers: pip install "guess-optim[hf]" ({_err})'
     ) from _err
 
-__all__ = ["GUESS_OPTIMIZERS", "STATE_NAME", "GuessedGradientCallback", "GuessedGradientTrainer", "find_head"]
+__all__ = ["GUESS_OPTIMIZERS", "STATE_NAME", "GuessedGradientCallback", "HFGuessedGradientTrainer", "find_head"]
+
 
 STATE_NAME = "guess_optim_state"
 """Stem of the file the callback writes into each checkpoint folder (``.pt``; ``_rank{r}.pt`` when distributed)."""
 
-GUESS_OPTIMIZERS: tuple[str, ...] = ("stable-adamw",)
-"""Values of ``GuessedGradientTrainer(guess_optimizer=...)`` besides ``None`` (the Trainer's ``args.optim``)."""
+GUESS_OPTIMIZERS: tuple[str, ...] = OPTIMIZERS
+"""Values of ``guess_optimizer=`` besides ``None`` (the Trainer's ``args.optim``): :data:`guess_optim.optim.OPTIMIZERS`,
+built by :func:`guess_optim.optim.optimizer_cls_and_kwargs`."""
 
 _HEAD_NAMES = ("classifier", "score")
 
@@ -103,38 +109,6 @@ def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _rng_state(tensors: list[Tensor]) -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-    if cuda:
-        state["cuda"] = {i: torch.cuda.get_rng_state(i) for i in cuda}
-    return state
-
-
-@contextlib.contextmanager
-def _replayed_rng(state: dict[str, Any]):
-    """Run with the global RNG as it was in ``state`` (same dropout masks), then put it back as it is now."""
-    cuda = state.get("cuda", {})
-    with torch.random.fork_rng(devices=list(cuda)):
-        torch.set_rng_state(state["cpu"])
-        for i, s in cuda.items():
-            torch.cuda.set_rng_state(s, i)
-        yield
 
 
 class GuessedGradientCallback(TrainerCallback):
@@ -174,7 +148,7 @@ class GuessedGradientCallback(TrainerCallback):
         skipped_optimizer_steps: optimizer steps dropped because an estimate was not finite.
         last_cosine: the last cosine measured (``None`` before the first).
         resume_from_checkpoint: a checkpoint folder to restore the guess state from on resume (set by
-            :meth:`GuessedGradientTrainer.train`); otherwise ``args.resume_from_checkpoint`` or
+            :meth:`HFGuessedGradientTrainer.train`); otherwise ``args.resume_from_checkpoint`` or
             ``output_dir/checkpoint-{global_step}`` is searched.
 
     Raises:
@@ -193,12 +167,9 @@ class GuessedGradientCallback(TrainerCallback):
         head_fn: Callable[[nn.Module], nn.Module] | None = None,
         **attach_kwargs: Any,
     ):
-        get_method(method)  # ValueError for an unknown method, before any training starts
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"Invalid seed: {seed!r}; expected a non-negative int or None")
-        n = log_cosine_every
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"Invalid log_cosine_every: {n!r}; expected an int >= 0 (0 disables it)")
+        get_estimator(method)  # the registry's ValueError for an unknown method, before any training starts
+        seed = check_int("seed", seed, low=0, none_ok=True)
+        n = check_int("log_cosine_every", log_cosine_every, low=0)
         if head is not None and head_fn is not None:
             raise ValueError("pass either head= or head_fn=, not both")
         for key in ("model", "method", "seed", "head"):
@@ -287,7 +258,7 @@ class GuessedGradientCallback(TrainerCallback):
                 or torch.is_inference_mode_enabled() or (self.handle is not None and self.handle.in_internal_forward)):
             return None
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
-        self._records.append((args, dict(kwargs), _rng_state(tensors)))
+        self._records.append((args, dict(kwargs), capture_rng(cuda_devices(tensors))))
         return None
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -345,7 +316,7 @@ class GuessedGradientCallback(TrainerCallback):
         self._replaying = True
         try:
             for fargs, fkwargs, rng in self._records:
-                with _replayed_rng(rng), self.handle.paused(), torch.enable_grad():
+                with replayed_rng(rng), self.handle.paused(), torch.enable_grad():
                     out = model(*fargs, **fkwargs)
                     loss = out["loss"] if isinstance(out, dict) else out[0]
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -374,7 +345,7 @@ class GuessedGradientCallback(TrainerCallback):
         return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # GuessedGradientTrainer adds the metrics before Trainer.log; with a plain Trainer they are added here, which
+        # HFGuessedGradientTrainer adds the metrics before Trainer.log; with a plain Trainer they are added here, which
         # reaches state.log_history and the callbacks after this one (progress bar/printer), not the reporting
         # integrations (tensorboard, wandb, ...) that the Trainer places before user callbacks.
         if logs is None or "guess_skipped_steps" in logs:
@@ -400,11 +371,9 @@ class GuessedGradientCallback(TrainerCallback):
         rank, world = _world()
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        _atomic_torch_save(
-            {"handle": self.handle.state_dict(), "skipped_optimizer_steps": self.skipped_optimizer_steps,
-             "global_step": state.global_step, "method": self.method},
-            self.state_file(folder, rank, world),
-        )
+        saved = {"handle": self.handle.state_dict(), "skipped_optimizer_steps": self.skipped_optimizer_steps,
+                 "global_step": state.global_step, "method": self.method}
+        atomic_write(self.state_file(folder, rank, world), lambda f: torch.save(saved, f))
         return control
 
     def _restore(self, args, state) -> None:
@@ -431,22 +400,24 @@ class GuessedGradientCallback(TrainerCallback):
         )
 
 
-class GuessedGradientTrainer(Trainer):
+class HFGuessedGradientTrainer(Trainer):
     """A ``transformers.Trainer`` that trains with guessed gradients (adds a :class:`GuessedGradientCallback`).
 
     Compared with ``Trainer(..., callbacks=[GuessedGradientCallback(...)])`` it also puts the guess metrics into
     every training log before the reporting integrations see it, restores the guess state from exactly the
-    checkpoint passed to ``train(resume_from_checkpoint=...)``, and offers :class:`~guess_optim.StableAdamW`.
+    checkpoint passed to ``train(resume_from_checkpoint=...)``, and builds any optimizer of
+    :data:`guess_optim.optim.OPTIMIZERS` by name (``guess_optimizer=``).
 
     Args:
         *args: the ``Trainer``'s positional arguments.
         guess_method: the guessing method (``"backprop"`` trains exactly like the plain Trainer). (default: ``"wt"``)
         guess_kwargs: keyword arguments of :class:`GuessedGradientCallback` (``seed``, ``log_cosine_every``,
             ``head``, ``head_fn``, and :func:`guess_optim.attach`'s options). (default: ``None``)
-        guess_optimizer: ``"stable-adamw"`` builds :class:`~guess_optim.StableAdamW` with the Trainer's parameter
-            groups (no weight decay on biases and norms), ``lr=args.learning_rate``,
-            ``betas=(args.adam_beta1, args.adam_beta2)``, ``eps=args.adam_epsilon`` and ``args.weight_decay``;
-            ``None`` keeps ``args.optim``. (default: ``None``)
+        guess_optimizer: a name of :data:`guess_optim.optim.OPTIMIZERS` (``"stable-adamw"`` is
+            :class:`~guess_optim.StableAdamW`), built by :func:`guess_optim.optim.optimizer_cls_and_kwargs` with the
+            Trainer's parameter groups (no weight decay on biases and norms), ``lr=args.learning_rate``,
+            ``args.weight_decay`` and, for the Adam family, ``betas=(args.adam_beta1, args.adam_beta2)`` and
+            ``eps=args.adam_epsilon``; ``None`` keeps ``args.optim``. (default: ``None``)
         **kwargs: the ``Trainer``'s keyword arguments (``callbacks`` are kept, after the guess callback).
 
     Attributes:
@@ -465,10 +436,7 @@ class GuessedGradientTrainer(Trainer):
         guess_optimizer: str | None = None,
         **kwargs: Any,
     ):
-        if guess_optimizer is not None and guess_optimizer not in GUESS_OPTIMIZERS:
-            raise ValueError(
-                f"Invalid guess_optimizer: {guess_optimizer!r}; expected None or one of {GUESS_OPTIMIZERS}"
-            )
+        check_choice("guess_optimizer", guess_optimizer, (None, *OPTIMIZERS))
         if guess_optimizer is not None and (
             kwargs.get("optimizer_cls_and_kwargs") is not None
             or any(o is not None for o in kwargs.get("optimizers", (None, None))[:1])
@@ -485,10 +453,11 @@ class GuessedGradientTrainer(Trainer):
         return self.guess_callback.handle
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
-        if self.guess_optimizer == "stable-adamw" and self.optimizer is None:
+        if self.guess_optimizer is not None and self.optimizer is None:
             a = self.args
-            self.optimizer_cls_and_kwargs = (
-                StableAdamW, {"lr": a.learning_rate, "betas": (a.adam_beta1, a.adam_beta2), "eps": a.adam_epsilon}
+            self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(
+                self.guess_optimizer, lr=a.learning_rate, weight_decay=a.weight_decay,
+                betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
             )
         return super().create_optimizer(*args, **kwargs)
 
@@ -502,3 +471,20 @@ class GuessedGradientTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         logs.update(self.guess_callback.metrics(logs))
         super().log(logs, *args, **kwargs)
+
+
+_DEPRECATED = {"GuessedGradientTrainer": "HFGuessedGradientTrainer"}
+
+
+def __getattr__(name: str) -> Any:
+    # ``GuessedGradientTrainer`` was this class's name until it was renamed so as not to share it with the plain loop,
+    # guess_optim.GuessedGradientTrainer; the old name still works, with a DeprecationWarning.
+    if name in _DEPRECATED:
+        warnings.warn(
+            f"guess_optim.integrations.hf.{name} is deprecated: it was renamed {_DEPRECATED[name]} "
+            f"(guess_optim.GuessedGradientTrainer is the plain PyTorch loop); import {_DEPRECATED[name]} instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[_DEPRECATED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

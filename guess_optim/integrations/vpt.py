@@ -34,7 +34,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guess_optim import PromptTokens
+from guess_optim._checks import check_choice, check_float, check_int
+from guess_optim._io import atomic_write
 
 __all__ = ["VPTConfig", "VisualPromptTuning", "get_vpt_model", "vit_lora_target_modules"]
 
@@ -94,21 +95,14 @@ class VPTConfig:
     )
 
     def __post_init__(self) -> None:
-        n = self.num_prompt_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"Invalid num_prompt_tokens: {n!r}; expected an int >= 0")
+        check_int("num_prompt_tokens", self.num_prompt_tokens, low=0)
         if not isinstance(self.deep, bool):
             raise ValueError(f"Invalid deep: {self.deep!r}; expected a bool")
-        p = self.prompt_dropout
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ValueError(f"Invalid prompt_dropout: {p!r}; expected a float in [0, 1)")
-        if self.init not in ("vpt", "normal", "zeros"):
-            raise ValueError(f"Invalid init: {self.init!r}; expected 'vpt', 'normal' or 'zeros'")
+        check_float("prompt_dropout", self.prompt_dropout, low=0.0, high=1.0, high_strict=True)
+        check_choice("init", self.init, ("vpt", "normal", "zeros"))
         if not isinstance(self.train_head, bool):
             raise ValueError(f"Invalid train_head: {self.train_head!r}; expected a bool")
-        k = self.num_labels
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"Invalid num_labels: {k!r}; expected None or an int >= 1")
+        check_int("num_labels", self.num_labels, low=1, none_ok=True)
 
 
 def _backbone_parts(model: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.ModuleList]:
@@ -322,21 +316,13 @@ class VisualPromptTuning(nn.Module):
         path = os.fspath(path)
         names = set(self._saved_names())
         tensors = {n: t.detach().cpu().contiguous() for n, t in self.state_dict().items() if n in names}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            if path.endswith(".safetensors"):
-                from safetensors.torch import save_file
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save
 
-                save_file(tensors, tmp, metadata=self._metadata())
-            else:
-                torch.save({"state_dict": tensors, "metadata": self._metadata()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+            data = save(tensors, metadata=self._metadata())
+            atomic_write(path, lambda f: f.write(data))
+        else:
+            atomic_write(path, lambda f: torch.save({"state_dict": tensors, "metadata": self._metadata()}, f))
 
     def load_prompts(self, path: str | os.PathLike) -> None:
         """Load prompts and head saved by :meth:`save_prompts` into this model (the backbone is untouched).

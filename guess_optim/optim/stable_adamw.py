@@ -6,8 +6,6 @@ this optimizer. :func:`stable_adamw` holds the math; :class:`StableAdamW` only k
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
@@ -15,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
+
+from guess_optim._checks import check_float
 
 __all__ = ["StableAdamW", "stable_adamw"]
 
@@ -29,21 +29,15 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _is_finite_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _validate(group: dict[str, Any]) -> None:
     """Raise ValueError naming the first invalid hyper-parameter of ``group`` and its expected range."""
     for key in ("lr", "eps", "weight_decay"):
-        if not (_is_finite_real(group[key]) and group[key] >= 0):
-            raise ValueError(f"Invalid {key}: {group[key]!r}; expected a finite float >= 0")
+        check_float(key, group[key], low=0.0)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2) of floats in [0, 1)")
     for i, beta in enumerate(betas, start=1):
-        if not (_is_finite_real(beta) and 0.0 <= beta < 1.0):
-            raise ValueError(f"Invalid beta{i}: {beta!r} in betas={betas!r}; expected a float in [0, 1)")
+        check_float(f"beta{i} in betas={betas!r}", beta, low=0.0, high=1.0, high_strict=True)
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"Invalid maximize: {group['maximize']!r}; expected a bool")
     if group["foreach"] is not None and not isinstance(group["foreach"], bool):

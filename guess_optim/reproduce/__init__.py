@@ -17,9 +17,10 @@ command             paper                                              function
 ``sweep``           Fig. 8, A.3                                        :func:`run_sweep`
 ==================  =================================================  ==========================
 
-Command line: ``python -m guess_optim.reproduce <command> [--flags] --out-dir DIR`` (:func:`main`). The defaults
-are reduced sizes that run in minutes on two CPU cores on the embedded ``mnist-5k``; RESULTS.md lists the
-paper-size flags.
+Command line: ``python -m guess_optim.reproduce <command> [--flags] --out-dir DIR`` (:func:`main`), also
+``guess-optim reproduce <command>``; ``guess-optim cosine`` is the ``cosine`` experiment. It prints the experiment's
+main numbers as a text table and the files it wrote. The defaults are reduced sizes that run in minutes on two CPU
+cores on the embedded ``mnist-5k``; RESULTS.md lists the paper-size flags.
 """
 
 from ._common import effective_rank

@@ -26,43 +26,51 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from .. import __version__
+from .._checks import check_choice, check_float, check_int
 from .._io import json_safe, write_json
+from .._seeds import derive_seed
 from ..data import DATASETS, DatasetSplits, load_dataset, make_loaders
 from ..diagnostics import backprop_gradient, gradient_cosine, read_grads
 from ..engine import NonFiniteEstimateWarning, attach
-from ..guesses import METHODS
+from ..estimators import METHODS, get_estimator
 from ..models import MLP
-from ..optim import StableAdamW
+from ..optim import OPTIMIZERS, build_optimizer
 
 __all__ = [
-    "GUESSED_METHODS",
-    "METHOD_COLORS",
-    "METHOD_LABELS",
     "OPTIMIZERS",
+    "RATIO_BASELINE",
     "BaseConfig",
     "DatasetConfig",
     "Estimator",
     "TrainLog",
     "accuracy",
+    "all_methods",
     "arg",
     "batches",
+    "build_optimizer",
     "cross_entropy",
     "derive_seed",
     "effective_rank",
     "figure",
     "finish",
+    "fmt",
+    "guessed_methods",
+    "is_oracle",
     "load",
     "make_mlp",
-    "make_optimizer",
     "mean_std",
+    "method_color",
+    "method_label",
+    "oracle_method",
+    "text_table",
     "train",
     "versions",
     "windowed_mean",
 ]
 
-GUESSED_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "backprop")
-"""Every method of the registry except the backprop oracle, in registry order."""
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "stable-adamw")
+RATIO_BASELINE = "directional"
+"""The method every ratio is taken to (``ratio_to_directional``): the paper's yardstick, "hundreds of times" the
+cosine similarity of directional descent (§3)."""
 
 Batch = tuple[Tensor, Tensor]
 Estimator = Callable[[nn.Module, Batch], Tensor]
@@ -70,10 +78,57 @@ Estimator = Callable[[nn.Module, Batch], Tensor]
 
 
 def arg(default: Any, help: str, **metadata: Any) -> Any:
-    """A dataclass field with a ``--flag`` help string (read by the CLI) and optional ``choices``."""
+    """A dataclass field with a ``--flag`` help string (read by the CLI) and optional ``choices``.
+
+    A callable ``default`` is a default factory, called for each config (e.g. :func:`guessed_methods`: an estimator
+    registered after import is in the default).
+    """
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults")
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
+
+
+# ------------------------------------------------------------------------------------------- methods, from the registry
+def all_methods() -> tuple[str, ...]:
+    """Every registered method, in registry order."""
+    return tuple(METHODS)
+
+
+def guessed_methods() -> tuple[str, ...]:
+    """Every registered method except the backprop oracle (``space == "backprop"``), in registry order."""
+    return tuple(m for m, cls in METHODS.items() if cls.space != "backprop")
+
+
+def oracle_method() -> str:
+    """The name of the registered backprop oracle (the estimator whose ``space`` is ``"backprop"``)."""
+    return next(m for m, cls in METHODS.items() if cls.space == "backprop")
+
+
+def is_oracle(method: str) -> bool:
+    """Whether ``method`` (a registered name) is the backprop oracle."""
+    return get_estimator(method).space == "backprop"
+
+
+def _registered_base(name: str) -> str | None:
+    """``name`` if registered; for a variant such as ``"downstream l=2"`` or ``"wt p=0.5"``, the registered method it
+    starts with; else ``None``."""
+    bases = [m for m in METHODS if name == m or name.startswith(m + " ")]
+    return max(bases, key=len) if bases else None
+
+
+def method_label(name: str) -> str:
+    """Legend label: the estimator's :meth:`~guess_optim.Estimator.plot_label`; a variant (``"downstream l=2"``) or an
+    unregistered name keeps its own name."""
+    return METHODS[name].plot_label() if name in METHODS else name
+
+
+def method_color(name: str) -> str | None:
+    """Plot colour: the estimator's ``color``; a variant (``"downstream l=2"``) takes its method's; else ``None``
+    (matplotlib's cycle)."""
+    base = _registered_base(name)
+    return None if base is None else METHODS[base].color
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -81,8 +136,8 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+def _check_list(name: str, value: Any, expected: str) -> None:
+    _check(isinstance(value, tuple) and len(value) > 0, name, value, f"a non-empty list of {expected}")
 
 
 @dataclass
@@ -97,58 +152,59 @@ class BaseConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # lists (e.g. a config read back from JSON) become the tuples expected
             v = getattr(self, f.name)
-            if isinstance(f.default, tuple) and isinstance(v, list):
+            if isinstance(v, list):  # configs hold no lists (arg() refuses list defaults)
                 setattr(self, f.name, tuple(tuple(x) if isinstance(x, list) else x for x in v))
         if isinstance(self.data_dir, os.PathLike):
             self.data_dir = os.fspath(self.data_dir)  # kept as a string so the config stays JSON-ready
         _check(self.data_dir is None or isinstance(self.data_dir, str), "data_dir", self.data_dir, "a path or None")
         self.check_positive("batch_size")
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an int >= 0")
+        check_int("seed", self.seed, low=0)
 
     # ------------------------------------------------------------------------------------------- validators
     def check_positive(self, *names: str, kind: type = int) -> None:
         """Every named field is an ``int >= 1`` (``kind=int``) or a finite float ``> 0`` (``kind=float``)."""
         for n in names:
-            v = getattr(self, n)
             if kind is int:
-                _check(_is_int(v) and v >= 1, n, v, "an int >= 1")
+                check_int(n, getattr(self, n), low=1)
             else:
-                _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
-                       n, v, "a finite number > 0")
+                check_float(n, getattr(self, n), low=0.0, strict=True)
 
     def check_nonneg(self, *names: str) -> None:
         """Every named field is an ``int >= 0``."""
         for n in names:
-            v = getattr(self, n)
-            _check(_is_int(v) and v >= 0, n, v, "an int >= 0")
+            check_int(n, getattr(self, n), low=0)
 
-    def check_methods(self, name: str, allowed: Sequence[str] = tuple(METHODS)) -> None:
-        """Field ``name`` is a non-empty tuple of distinct method names from ``allowed``."""
+    def check_methods(self, name: str, allowed: Sequence[str] | None = None) -> None:
+        """Field ``name`` is a non-empty tuple of distinct method names from ``allowed`` (default: the registry)."""
+        allowed = all_methods() if allowed is None else tuple(allowed)
         v = getattr(self, name)
         _check(isinstance(v, tuple) and len(v) > 0 and len(set(v)) == len(v) and all(m in allowed for m in v),
                name, v, f"distinct names from {', '.join(allowed)}")
 
-    def check_floats(self, name: str, *, positive: bool = True, low: float | None = None,
-                     high: float | None = None) -> None:
-        """Field ``name`` is a non-empty tuple of finite floats (``> 0`` if ``positive``; within ``[low, high]``)."""
+    def check_floats(self, name: str) -> None:
+        """Field ``name`` is a non-empty tuple of finite floats ``> 0``."""
         v = getattr(self, name)
-        ok = isinstance(v, tuple) and len(v) > 0 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
-        ok = ok and (not positive or all(x > 0 for x in v))
-        ok = ok and (low is None or all(x >= low for x in v)) and (high is None or all(x <= high for x in v))
-        rng = "" if low is None and high is None else f" in [{low}, {high}]"
-        _check(ok, name, v, f"a non-empty list of finite numbers{' > 0' if positive else ''}{rng}")
+        _check_list(name, v, "finite numbers > 0")
+        for i, x in enumerate(v):
+            check_float(f"{name}[{i}]", x, low=0.0, strict=True)
 
     def check_ints(self, name: str, low: int = 1) -> None:
         """Field ``name`` is a non-empty tuple of ints ``>= low``."""
         v = getattr(self, name)
-        _check(isinstance(v, tuple) and len(v) > 0 and all(_is_int(x) and x >= low for x in v),
-               name, v, f"a non-empty list of ints >= {low}")
+        _check_list(name, v, f"ints >= {low}")
+        for i, x in enumerate(v):
+            check_int(f"{name}[{i}]", x, low=low)
 
     def check_choice(self, name: str, choices: Sequence[str]) -> None:
         """Field ``name`` is one of ``choices``."""
+        check_choice(name, getattr(self, name), choices)
+
+    def check_choices(self, name: str, choices: Sequence[str]) -> None:
+        """Field ``name`` is a non-empty tuple of values from ``choices``."""
         v = getattr(self, name)
-        _check(v in choices, name, v, f"one of {', '.join(choices)}")
+        _check_list(name, v, f"names from {', '.join(choices)}")
+        for x in v:
+            check_choice(name, x, choices)
 
 
 @dataclass
@@ -160,11 +216,6 @@ class DatasetConfig(BaseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_choice("dataset", DATASETS)
-
-
-def derive_seed(*keys: int) -> int:
-    """A seed in ``[0, 2**62)`` derived from integer ``keys`` by ``numpy.random.SeedSequence`` (no global RNG)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(2))
 
 
 def load(config: BaseConfig, dataset: str | None = None) -> DatasetSplits:
@@ -181,21 +232,11 @@ def make_mlp(splits: DatasetSplits, depth: int, width: int, seed: int) -> MLP:
         return MLP(int(np.prod(splits.input_shape)), splits.num_classes, depth=depth, width=width)
 
 
-def make_optimizer(name: str, params: Any, lr: float, *, weight_decay: float = 0.0,
-                   momentum: float = 0.0) -> torch.optim.Optimizer:
-    """``"adamw"`` (torch AdamW), ``"sgd"`` (with ``momentum``) or ``"stable-adamw"`` (:class:`StableAdamW`)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "stable-adamw":
-        return StableAdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"Invalid optimizer: {name!r}; expected one of {', '.join(OPTIMIZERS)}")
-
-
-def batches(splits: DatasetSplits, batch_size: int, seed: int) -> Iterator[Batch]:
-    """Endless shuffled training batches, epoch after epoch (shuffling seeded by ``seed``)."""
-    loader, _ = make_loaders(splits, batch_size, seed=seed)
+def batches(splits: DatasetSplits, batch_size: int, seed: int, *, device: str | torch.device | None = None
+            ) -> Iterator[Batch]:
+    """Endless shuffled training batches, epoch after epoch (shuffling seeded by ``seed``), on ``device`` (default:
+    where the splits are)."""
+    loader, _ = make_loaders(splits, batch_size, seed=seed, device=device)
     while True:
         yield from loader
 
@@ -298,7 +339,7 @@ def train(
 
     log = TrainLog()
     handle = None
-    if isinstance(method, str) and method != "backprop":
+    if isinstance(method, str) and not is_oracle(method):
         # A seed of its own: the guesses must not replay the data-order generator's stream.
         handle = attach(model, method, seed=derive_seed(seed, 1), **(attach_kwargs or {}))
 
@@ -397,6 +438,30 @@ def finish(
     return record
 
 
+def fmt(value: Any, spec: str = ".4g") -> str:
+    """A number for a text table: ``spec`` for floats, ``mean ± std`` for a pair, ``-`` for ``None`` (NaN in JSON)."""
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return f"{fmt(value[0], spec)} ± {fmt(value[1], spec)}"
+    if isinstance(value, float):
+        return "-" if not math.isfinite(value) else format(value, spec)
+    return str(value)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str = "") -> str:
+    """A plain-text table (first column left-aligned, the others right-aligned); cells go through :func:`fmt`."""
+    cells = [[str(h) for h in header]] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [title] if title else []
+    for j, row in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
+                                                                                                    strict=True))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def figure(ncols: int, nrows: int = 1, *, size: tuple[float, float] = (4.2, 3.3)) -> tuple[Any, Any]:
     """A matplotlib ``Figure`` (Agg, no pyplot state) and its axes as a 2-D array ``[nrows, ncols]``."""
     try:
@@ -406,13 +471,3 @@ def figure(ncols: int, nrows: int = 1, *, size: tuple[float, float] = (4.2, 3.3)
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
     axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False))
     return fig, axes
-
-
-METHOD_LABELS: dict[str, str] = {
-    "backprop": "Backprop (oracle)", "directional": "Directional", "activation": "Activation perturbation",
-    "mixing": "Mixing", "wt": "$W^T$", "downstream": "1-layer downstream", "self-sharpening": "Self-sharpening",
-}
-METHOD_COLORS: dict[str, str] = {
-    "backprop": "k", "directional": "tab:gray", "activation": "tab:brown", "mixing": "tab:green", "wt": "tab:blue",
-    "downstream": "tab:orange", "self-sharpening": "tab:purple",
-}

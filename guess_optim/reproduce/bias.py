@@ -25,23 +25,27 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..diagnostics import backprop_gradient, gradient_cosine, read_grads
-from ..engine import attach
+from .._checks import check_choice, check_float
+from ..diagnostics import backprop_gradient, gradient_cosine, guessed_gradient
+from ..engine import attach, handle_of
 from ._common import (
-    GUESSED_METHODS,
-    METHOD_COLORS,
-    METHOD_LABELS,
     DatasetConfig,
     arg,
     batches,
+    build_optimizer,
     cross_entropy,
     derive_seed,
     figure,
     finish,
+    fmt,
+    guessed_methods,
     load,
     make_mlp,
-    make_optimizer,
     mean_std,
+    method_color,
+    method_label,
+    oracle_method,
+    text_table,
     train,
 )
 
@@ -87,10 +91,8 @@ def matched_cosine_guess(
     Raises:
         ValueError: ``cos_theta`` outside ``(0, 1]`` or an unknown ``scale``.
     """
-    if isinstance(cos_theta, bool) or not isinstance(cos_theta, (int, float)) or not 0 < cos_theta <= 1:
-        raise ValueError(f"Invalid cos_theta: {cos_theta!r}; expected a float in (0, 1]")
-    if scale not in ("projection", "norm"):
-        raise ValueError(f"Invalid scale: {scale!r}; expected 'projection' or 'norm'")
+    check_float("cos_theta", cos_theta, low=0.0, strict=True, high=1.0)
+    check_choice("scale", scale, ("projection", "norm"))
     names = list(grad)
     g = torch.cat([grad[n].detach().double().flatten() for n in names])
     norm = torch.linalg.vector_norm(g)
@@ -130,7 +132,10 @@ class BiasConfig(DatasetConfig):
 
     depth: int = arg(3, "linear layers of the MLP")
     width: int = arg(128, "hidden units per layer")
-    methods: tuple[str, ...] = arg(GUESSED_METHODS, "methods of the left panel")
+    methods: tuple[str, ...] = arg(guessed_methods, "methods of the left panel (every registered one but backprop by "
+                                   "default)")
+    biased: str = arg("wt", "the biased method the oracle is matched to: its mean cosine, and its bias for "
+                      "'oracle+bias' (paper: W^T)")
     warmup_steps: int = arg(100, "backprop (AdamW, lr 1e-3) steps before the left panel's measurement")
     examples: int = arg(8, "examples in the left panel's batch (paper: a single example)")
     max_guesses: int = arg(1024, "largest N of the left panel (N = 1, 2, 4, ..., max)")
@@ -140,7 +145,8 @@ class BiasConfig(DatasetConfig):
     lr: float = arg(1e-3, "AdamW learning rate (middle panel)")
     sgd_lr: float = arg(1e-3, "SGD learning rate (right panel)")
     momentum: float = arg(0.9, "SGD momentum of the right panel's 'with momentum' runs")
-    cos_theta: float | None = arg(None, "the oracle's cosine; None = W^T's mean measured cosine in its own run")
+    cos_theta: float | None = arg(None, "the oracle's cosine; None = the biased method's mean measured cosine in "
+                                  "its own run")
     scale: str = arg("projection", "oracle scale: projection (|g|/cos θ) or norm (|g|)",
                      choices=("projection", "norm"))
     eval_every: int = arg(25, "record train accuracy every that many steps")
@@ -150,12 +156,12 @@ class BiasConfig(DatasetConfig):
         self.check_positive("depth", "width", "examples", "max_guesses", "chunk", "repeats", "steps", "eval_every")
         self.check_nonneg("warmup_steps")
         self.check_positive("lr", "sgd_lr", kind=float)
-        self.check_methods("methods", GUESSED_METHODS)
+        self.check_methods("methods", guessed_methods())
+        check_choice("biased", self.biased, guessed_methods())
         self.check_choice("scale", ("projection", "norm"))
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise ValueError(f"Invalid momentum: {self.momentum!r}; expected a float in [0, 1)")
-        if self.cos_theta is not None and not (isinstance(self.cos_theta, (int, float)) and 0 < self.cos_theta <= 1):
-            raise ValueError(f"Invalid cos_theta: {self.cos_theta!r}; expected None or a float in (0, 1]")
+        check_float("momentum", self.momentum, low=0.0, high=1.0, high_strict=True)
+        if self.cos_theta is not None:
+            check_float("cos_theta", self.cos_theta, low=0.0, strict=True, high=1.0)
 
 
 def _averaged_estimate(model: nn.Module, method: str, batch: tuple[Tensor, Tensor], n: int, chunk: int,
@@ -165,31 +171,22 @@ def _averaged_estimate(model: nn.Module, method: str, batch: tuple[Tensor, Tenso
     done, j = 0, 0
     while done < n:
         k = min(chunk, n - done)
-        model.zero_grad(set_to_none=True)
-        with attach(model, method, seed=derive_seed(seed, j), num_guesses=k):
-            cross_entropy(model(batch[0]), batch[1]).backward()
-        for name, g in read_grads(model).items():
-            g = torch.zeros_like(dict(model.named_parameters())[name]) if g is None else g
+        estimate = guessed_gradient(model, method, batch, cross_entropy, seed=derive_seed(seed, j), num_guesses=k)
+        for name, g in estimate.items():
             total[name] = total[name] + k * g.double() if name in total else k * g.double()
         done, j = done + k, j + 1
-    model.zero_grad(set_to_none=True)
     return {name: t / n for name, t in total.items()}
 
 
 def _oracle(cos_theta: float, seed: int, biased: bool, scale: str):
     """An estimator writing :func:`matched_cosine_guess` into ``p.grad``; with ``biased``, the caller has attached
-    ``W^T`` to the model, whose estimate on the same weights and batch supplies ``ĝ_⊥``."""
+    the biased method (``W^T``) to the model, whose estimate on the same weights and batch supplies ``ĝ_⊥``."""
     gen = torch.Generator().manual_seed(seed)
 
     def step(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-        bias = None
-        if biased:
+        bias = guessed_gradient(model, handle_of(model), batch, cross_entropy) if biased else None
+        with torch.no_grad():
             loss = cross_entropy(model(batch[0]), batch[1])
-            loss.backward()  # the attached W^T handle writes its estimate
-            bias = read_grads(model)
-        else:
-            with torch.no_grad():
-                loss = cross_entropy(model(batch[0]), batch[1])
         g = backprop_gradient(model, batch, cross_entropy)
         guess = matched_cosine_guess(g, cos_theta, gen, bias, scale=scale)
         for n, p in model.named_parameters():
@@ -204,7 +201,7 @@ def run_bias(config: BiasConfig, *, out_dir: str | os.PathLike | None = None, pr
 
     Returns:
         The record; ``results["averaging"]`` holds ``guesses`` (the ``N``), ``mean``/``std`` (``{method: [cosine per
-        N]}``); ``results["cos_theta"]`` the oracle's cosine (and ``wt_cosine`` the ``W^T`` run's measured ones);
+        N]}``); ``results["cos_theta"]`` the oracle's cosine (and ``wt_cosine`` the biased run's measured ones);
         ``results["adamw"]`` and ``results["sgd"]`` the runs (``{name: {"steps", "train_acc", "test_acc"}}``,
         accuracies in ``[0, 1]``), and ``results["oracle_cosine_check"]`` the oracle's measured cosines.
     """
@@ -216,7 +213,7 @@ def run_bias(config: BiasConfig, *, out_dir: str | os.PathLike | None = None, pr
     # ---- left: cosine of the average of N guesses ---------------------------------------------------------
     model = make_mlp(splits, config.depth, config.width, derive_seed(config.seed, 0))
     if config.warmup_steps:
-        train(model, "backprop", splits, torch.optim.AdamW(model.parameters(), lr=1e-3), steps=config.warmup_steps,
+        train(model, oracle_method(), splits, torch.optim.AdamW(model.parameters(), lr=1e-3), steps=config.warmup_steps,
               batch_size=config.batch_size, seed=derive_seed(config.seed, 1), progress=progress, desc="bias warmup")
     batch = next(batches(splits, config.examples, derive_seed(config.seed, 2)))
     reference = backprop_gradient(model, batch, cross_entropy)
@@ -245,22 +242,23 @@ def run_bias(config: BiasConfig, *, out_dir: str | os.PathLike | None = None, pr
 
     def run(name: str, estimator: Any, optimizer: str, lr: float, momentum: float = 0.0, **kw: Any) -> dict:
         model = fresh()
-        opt = make_optimizer(optimizer, model.parameters(), lr, momentum=momentum)
+        opt = build_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum)
         log = train(model, estimator, splits, opt, steps=config.steps, batch_size=config.batch_size, seed=data_seed,
                     eval_every=config.eval_every, progress=progress, desc=f"bias: {name}", **kw)
         return {"steps": log.eval_steps, "train_acc": log.train_acc, "test_acc": log.test_acc,
                 "cos_steps": log.cos_steps, "cosine": log.cosine}
 
-    adamw: dict[str, Any] = {"backprop": run("backprop", "backprop", "adamw", config.lr)}
-    adamw["wt"] = run("wt", "wt", "adamw", config.lr, cosine_every=1)
-    wt_cos = adamw["wt"]["cosine"]
+    oracle, biased = oracle_method(), config.biased
+    adamw: dict[str, Any] = {oracle: run(oracle, oracle, "adamw", config.lr)}
+    adamw[biased] = run(biased, biased, "adamw", config.lr, cosine_every=1)
+    wt_cos = adamw[biased]["cosine"]
     cos_theta = config.cos_theta if config.cos_theta is not None else float(np.clip(np.mean(wt_cos), 1e-6, 1.0))
 
     def oracle_run(name: str, biased: bool, optimizer: str, lr: float, momentum: float = 0.0) -> dict:
         model = fresh()
-        handle = attach(model, "wt", seed=derive_seed(config.seed, 6)) if biased else None
+        handle = attach(model, config.biased, seed=derive_seed(config.seed, 6)) if biased else None
         try:
-            opt = make_optimizer(optimizer, model.parameters(), lr, momentum=momentum)
+            opt = build_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum)
             est = _oracle(cos_theta, derive_seed(config.seed, 7), biased, config.scale)
             log = train(model, est, splits, opt, steps=config.steps, batch_size=config.batch_size, seed=data_seed,
                         eval_every=config.eval_every, cosine_every=max(1, config.steps // 10), progress=progress,
@@ -272,7 +270,7 @@ def run_bias(config: BiasConfig, *, out_dir: str | os.PathLike | None = None, pr
                 "cos_steps": log.cos_steps, "cosine": log.cosine}
 
     adamw["oracle"] = oracle_run("oracle, no bias", False, "adamw", config.lr)
-    adamw["oracle+bias"] = oracle_run("oracle + W^T bias", True, "adamw", config.lr)
+    adamw["oracle+bias"] = oracle_run(f"oracle + {biased} bias", True, "adamw", config.lr)
     sgd: dict[str, Any] = {}
     for mom in (config.momentum, 0.0):
         tag = "momentum" if mom else "no momentum"
@@ -292,11 +290,6 @@ def run_bias(config: BiasConfig, *, out_dir: str | os.PathLike | None = None, pr
     return finish("bias", "Fig. 3, §3 'Bias', A.1, A.4", config, results, started, plot_bias, out_dir)
 
 
-_RUN_STYLE = {
-    "backprop": ("k", "-"), "wt": ("tab:blue", "-"), "oracle": ("tab:red", "-"), "oracle+bias": ("tab:red", "--"),
-}
-
-
 def plot_bias(record: dict[str, Any]) -> Any:
     """Fig. 3: (left) cosine of the average of N guesses vs N; (middle) oracle vs ``W^T``; (right) SGD ± momentum."""
     res = record["results"]
@@ -306,10 +299,10 @@ def plot_bias(record: dict[str, Any]) -> Any:
     for m, y in av["mean"].items():
         mean = np.asarray([np.nan if v is None else v for v in y], dtype=float)
         std = np.asarray([v or 0.0 for v in av["std"][m]], dtype=float)
-        ax.plot(av["guesses"], np.where(mean > 0, mean, np.nan), marker=".", label=METHOD_LABELS[m],
-                color=METHOD_COLORS[m])
+        ax.plot(av["guesses"], np.where(mean > 0, mean, np.nan), marker=".", label=method_label(m),
+                color=method_color(m))
         ax.fill_between(av["guesses"], np.clip(mean - std, 1e-6, None), np.clip(mean + std, 1e-6, None),
-                        color=METHOD_COLORS[m], alpha=0.15, lw=0)
+                        color=method_color(m), alpha=0.15, lw=0)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("number of guesses averaged N")
@@ -317,11 +310,11 @@ def plot_bias(record: dict[str, Any]) -> Any:
     ax.set_title(f"averaging guesses ({av['examples']} examples)", fontsize=9)
     ax.legend(fontsize=7)
     ax = axes[0, 1]
-    cos = res["cos_theta"]
+    cos, biased = res["cos_theta"], method_label(record["config"].get("biased", "wt"))
+    oracles = {"oracle": ("tab:red", "-", f"oracle cos={cos:.3g}, no bias"),
+               "oracle+bias": ("tab:red", "--", f"oracle cos={cos:.3g}, {biased} bias")}
     for k, r in res["adamw"].items():
-        color, ls = _RUN_STYLE[k]
-        label = {"backprop": "backprop", "wt": "$W^T$", "oracle": f"oracle cos={cos:.3g}, no bias",
-                 "oracle+bias": f"oracle cos={cos:.3g}, $W^T$ bias"}[k]
+        color, ls, label = oracles.get(k, (method_color(k), "-", method_label(k)))
         ax.plot(r["steps"], [100 * v for v in r["train_acc"]], color=color, ls=ls, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("train accuracy (%)")
@@ -336,3 +329,19 @@ def plot_bias(record: dict[str, Any]) -> Any:
     ax.set_title("matched cosine, SGD with / without momentum", fontsize=9)
     ax.legend(fontsize=7)
     return fig
+
+
+def summarize_bias(record: dict[str, Any]) -> str:
+    """The text tables of :func:`run_bias`'s record: the averaging panel at the smallest and largest N, and the final
+    train accuracy of every run."""
+    res = record["results"]
+    av = res["averaging"]
+    n1, nmax = av["guesses"][0], av["guesses"][-1]
+    left = text_table(("method", f"cosine N={n1}", f"cosine N={nmax}"),
+                      [(m, v[0], v[-1]) for m, v in av["mean"].items()],
+                      title=f"cosine of the average of N guesses ({av['examples']} examples)")
+    check = res["oracle_cosine_check"]
+    runs = text_table(("run", "final train acc"), list(res["final_train_acc"].items()),
+                      title=f"matched-cosine oracle: cos θ = {fmt(res['cos_theta'])} (measured {fmt(check['min'])} to "
+                            f"{fmt(check['max'])})")
+    return f"{left}\n\n{runs}"

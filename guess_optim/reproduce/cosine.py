@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import check_device
 from ..diagnostics import cosine_similarity
 from ._common import (
-    GUESSED_METHODS,
-    METHOD_COLORS,
-    METHOD_LABELS,
+    RATIO_BASELINE,
     DatasetConfig,
     arg,
     batches,
@@ -29,9 +28,13 @@ from ._common import (
     derive_seed,
     figure,
     finish,
+    guessed_methods,
     load,
     make_mlp,
     mean_std,
+    method_color,
+    method_label,
+    text_table,
 )
 
 __all__ = ["CosineConfig", "run_cosine"]
@@ -39,7 +42,10 @@ __all__ = ["CosineConfig", "run_cosine"]
 
 @dataclass
 class CosineConfig(DatasetConfig):
-    """Configuration of :func:`run_cosine` (defaults: the reduced CPU size; paper: ``--width 1024`` on CIFAR-10)."""
+    """Configuration of :func:`run_cosine` (defaults: the reduced CPU size; paper: ``--width 1024`` on CIFAR-10).
+
+    ``guess-optim cosine`` and ``guess-optim reproduce cosine`` are this experiment, with these defaults.
+    """
 
     depth: int = arg(6, "linear layers of the MLP (paper: 6)")
     width: int = arg(256, "hidden units per layer (paper: 1024)")
@@ -47,13 +53,15 @@ class CosineConfig(DatasetConfig):
     lr: float = arg(1e-3, "AdamW learning rate of the backprop trajectory")
     every: int = arg(25, "measure every that many steps (and at step 0)")
     repeats: int = arg(3, "independent guesses per method and measurement, cosines averaged")
-    methods: tuple[str, ...] = arg(GUESSED_METHODS, "methods to measure")
+    methods: tuple[str, ...] = arg(guessed_methods, "methods to measure (every registered one but backprop by default)")
+    device: str = arg("cpu", "torch device of the model and batches, e.g. cuda")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_positive("depth", "width", "steps", "every", "repeats")
         self.check_positive("lr", kind=float)
-        self.check_methods("methods", GUESSED_METHODS)
+        self.check_methods("methods", guessed_methods())
+        check_device("device", self.device)
 
 
 def run_cosine(config: CosineConfig, *, out_dir: str | os.PathLike | None = None,
@@ -69,9 +77,9 @@ def run_cosine(config: CosineConfig, *, out_dir: str | os.PathLike | None = None
 
     started = time.perf_counter()
     splits = load(config)
-    model = make_mlp(splits, config.depth, config.width, derive_seed(config.seed, 0))
+    model = make_mlp(splits, config.depth, config.width, derive_seed(config.seed, 0)).to(config.device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    data = batches(splits, config.batch_size, derive_seed(config.seed, 1))
+    data = batches(splits, config.batch_size, derive_seed(config.seed, 1), device=config.device)
     steps: list[int] = []
     curves: dict[str, list[float]] = {m: [] for m in config.methods}
     layers: dict[str, dict[str, list[float]]] = {m: {} for m in config.methods}
@@ -93,7 +101,7 @@ def run_cosine(config: CosineConfig, *, out_dir: str | os.PathLike | None = None
         cross_entropy(model(batch[0]), batch[1]).backward()
         opt.step()
     stats = {m: mean_std(c) for m, c in curves.items()}
-    base = stats["directional"][0] if "directional" in stats else math.nan
+    base = stats[RATIO_BASELINE][0] if RATIO_BASELINE in stats else math.nan
     results = {
         "steps": steps,
         "curves": curves,
@@ -113,7 +121,7 @@ def plot_cosine(record: dict[str, Any]) -> Any:
     ax = axes[0, 0]
     for m, curve in res["curves"].items():
         y = np.asarray([np.nan if v is None or v <= 0 else v for v in curve], dtype=float)
-        ax.plot(res["steps"], y, marker=".", label=METHOD_LABELS[m], color=METHOD_COLORS[m])
+        ax.plot(res["steps"], y, marker=".", label=method_label(m), color=method_color(m))
     ax.set_yscale("log")
     ax.set_xlabel("backprop training step")
     ax.set_ylabel("cosine similarity to the true gradient")
@@ -122,12 +130,21 @@ def plot_cosine(record: dict[str, Any]) -> Any:
     ax = axes[0, 1]
     ms = list(res["mean"])
     ax.bar(range(len(ms)), [res["mean"][m] or np.nan for m in ms], yerr=[res["std"][m] or 0 for m in ms],
-           color=[METHOD_COLORS[m] for m in ms])
+           color=[method_color(m) for m in ms])
     for i, m in enumerate(ms):
         r = res["ratio_to_directional"][m]
         if r is not None:
             ax.text(i, res["mean"][m] or 0, f"{r:.0f}x", ha="center", va="bottom", fontsize=7)
     ax.set_yscale("log")
-    ax.set_xticks(range(len(ms)), [METHOD_LABELS[m] for m in ms], rotation=35, ha="right", fontsize=7)
+    ax.set_xticks(range(len(ms)), [method_label(m) for m in ms], rotation=35, ha="right", fontsize=7)
     ax.set_title("trajectory mean (label: ratio to directional)")
     return fig
+
+
+def summarize_cosine(record: dict[str, Any]) -> str:
+    """The text table of :func:`run_cosine`'s record: mean cosine per method and its ratio to directional's."""
+    res, cfg = record["results"], record["config"]
+    rows = [(m, res["mean"][m], res["std"][m], res["ratio_to_directional"][m]) for m in res["mean"]]
+    return text_table(("method", "mean cosine", "std", f"x {RATIO_BASELINE}"), rows,
+                      title=f"cosine similarity to backprop, MLP {cfg['depth']}x{cfg['width']} on {cfg['dataset']}, "
+                            f"{len(res['steps'])} measurements over {cfg['steps']} backprop steps")

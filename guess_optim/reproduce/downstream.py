@@ -16,17 +16,20 @@ from typing import Any
 import numpy as np
 
 from ._common import (
-    METHOD_COLORS,
     OPTIMIZERS,
     DatasetConfig,
     arg,
+    build_optimizer,
     derive_seed,
     figure,
     finish,
+    is_oracle,
     load,
     make_mlp,
-    make_optimizer,
     mean_std,
+    method_color,
+    oracle_method,
+    text_table,
     train,
     windowed_mean,
 )
@@ -42,7 +45,8 @@ class DownstreamDepthConfig(DatasetConfig):
     depth: int = arg(4, "linear layers of the MLP (paper: 6; at 6 our short runs stay near chance)")
     width: int = arg(128, "hidden units per layer (paper: 1024)")
     layers: tuple[int, ...] = arg((1, 2), "downstream_layers values l to compare")
-    references: tuple[str, ...] = arg(("backprop", "wt"), "other methods trained alongside (empty: none)")
+    references: tuple[str, ...] = arg(lambda: (oracle_method(), "wt"),
+                                      "other methods trained alongside (empty: none)")
     epochs: int = arg(10, "training epochs")
     optimizer: str = arg("adamw", "optimizer", choices=OPTIMIZERS)
     lr: float = arg(1e-3, "learning rate")
@@ -82,10 +86,10 @@ def run_downstream_depth(config: DownstreamDepthConfig, *, out_dir: str | os.Pat
         for s in range(config.seeds):
             seed = derive_seed(config.seed, s)
             model = make_mlp(splits, config.depth, config.width, seed)
-            opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
+            opt = build_optimizer(config.optimizer, model.parameters(), lr=config.lr)
             logs.append(train(model, method, splits, opt, steps=steps, batch_size=config.batch_size,
                               seed=derive_seed(seed, 1), eval_every=config.measure_every,
-                              cosine_every=0 if method == "backprop" else config.cosine_every,
+                              cosine_every=0 if is_oracle(method) else config.cosine_every,
                               attach_kwargs=kwargs, progress=progress, desc=name))
         windows = [windowed_mean(lg.cos_steps, lg.cosine, config.measure_every) for lg in logs]
         runs[name] = {
@@ -110,7 +114,7 @@ def plot_downstream_depth(record: dict[str, Any]) -> Any:
     fig, axes = figure(3, size=(4.2, 3.3))
     shades = ["tab:orange", "tab:red", "tab:pink", "tab:olive"]
     for i, (k, r) in enumerate(runs.items()):
-        color = shades[i % len(shades)] if k.startswith("downstream l=") else METHOD_COLORS.get(k, None)
+        color = shades[i % len(shades)] if k.startswith("downstream l=") else method_color(k)
         axes[0, 0].plot(r["steps"], [100 * v for v in r["train_acc"]], color=color, label=k)
         axes[0, 1].plot(r["steps"], [100 * v for v in r["test_acc"]], color=color, label=k)
         if r["cosine"]:
@@ -125,3 +129,11 @@ def plot_downstream_depth(record: dict[str, Any]) -> Any:
     cfg = record["config"]
     fig.suptitle(f"MLP {cfg['depth']}x{cfg['width']}, {cfg['dataset']}", fontsize=9)
     return fig
+
+
+def summarize_downstream_depth(record: dict[str, Any]) -> str:
+    """The text table of :func:`run_downstream_depth`'s record: final accuracies and mean cosine, mean ± std."""
+    rows = [(k, r["final"]["train_acc"], r["final"]["test_acc"], r["final"]["mean_cosine"])
+            for k, r in record["results"]["runs"].items()]
+    return text_table(("run", "train acc", "test acc", "mean cosine"), rows,
+                      title=f"downstream depth, mean ± std over {record['config']['seeds']} seeds")

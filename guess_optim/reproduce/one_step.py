@@ -19,12 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..diagnostics import backprop_gradient, gradient_cosine, read_grads
-from ..engine import attach
+from ..diagnostics import backprop_gradient, gradient_cosine, guessed_gradient
 from ._common import (
-    GUESSED_METHODS,
-    METHOD_COLORS,
-    METHOD_LABELS,
+    RATIO_BASELINE,
     DatasetConfig,
     arg,
     batches,
@@ -32,9 +29,15 @@ from ._common import (
     derive_seed,
     figure,
     finish,
+    guessed_methods,
+    is_oracle,
     load,
     make_mlp,
     mean_std,
+    method_color,
+    method_label,
+    oracle_method,
+    text_table,
 )
 
 __all__ = ["OneStepConfig", "loss_reduction", "run_one_step"]
@@ -51,7 +54,8 @@ class OneStepConfig(DatasetConfig):
     checkpoints: int = arg(7, "checkpoints evenly spread over the trajectory (first at step 0)")
     step_sizes: tuple[float, ...] = arg((1e-5, 1e-4, 1e-3, 1e-2, 1e-1), "SGD step sizes tried (paper: 1e-5..1e-1)")
     repeats: int = arg(3, "independent guesses per method and checkpoint; reductions averaged per step size")
-    methods: tuple[str, ...] = arg(("backprop", *GUESSED_METHODS), "methods (backprop is always included)")
+    methods: tuple[str, ...] = arg(lambda: (oracle_method(), *guessed_methods()),
+                                   "methods (every registered one by default; backprop is always included)")
     scale: str = arg("gradient", "step direction: 'gradient' rescales every estimate to the true gradient's norm "
                      "(the grid then means the same step lengths for all methods); 'raw' steps along the estimate as "
                      "the engine writes it", choices=("gradient", "raw"))
@@ -63,8 +67,8 @@ class OneStepConfig(DatasetConfig):
         self.check_floats("step_sizes")
         self.check_methods("methods")
         self.check_choice("scale", ("gradient", "raw"))
-        if "backprop" not in self.methods:
-            self.methods = ("backprop", *self.methods)
+        if oracle_method() not in self.methods:
+            self.methods = (oracle_method(), *self.methods)
 
 
 def loss_reduction(model: nn.Module, batch: tuple[Tensor, Tensor], direction: dict[str, Tensor],
@@ -92,21 +96,6 @@ def loss_reduction(model: nn.Module, batch: tuple[Tensor, Tensor], direction: di
             for n, p in params.items():
                 p.copy_(saved[n])
     return out
-
-
-def _estimate(model: nn.Module, method: str, batch: tuple[Tensor, Tensor], seed: int) -> dict[str, Tensor]:
-    if method == "backprop":
-        return backprop_gradient(model, batch, cross_entropy)
-    saved = {n: p.grad for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    try:
-        with attach(model, method, seed=seed):
-            cross_entropy(model(batch[0]), batch[1]).backward()
-        est = read_grads(model)
-    finally:
-        for n, p in model.named_parameters():
-            p.grad = saved[n]
-    return {n: (torch.zeros_like(p) if est[n] is None else est[n]) for n, p in model.named_parameters()}
 
 
 def _norm(grads: dict[str, Tensor]) -> float:
@@ -151,8 +140,8 @@ def run_one_step(config: OneStepConfig, *, out_dir: str | os.PathLike | None = N
             reference = backprop_gradient(model, batch, cross_entropy)
             for m in config.methods:
                 reps, coss = [], []
-                for r in range(1 if m == "backprop" else config.repeats):
-                    est = _estimate(model, m, batch, derive_seed(config.seed, 2, step, r))
+                for r in range(1 if is_oracle(m) else config.repeats):
+                    est = guessed_gradient(model, m, batch, cross_entropy, seed=derive_seed(config.seed, 2, step, r))
                     coss.append(gradient_cosine(model, est, reference).total)
                     if config.scale == "gradient":
                         est = _rescaled(est, reference)
@@ -170,10 +159,10 @@ def run_one_step(config: OneStepConfig, *, out_dir: str | os.PathLike | None = N
         cross_entropy(model(batch[0]), batch[1]).backward()
         opt.step()
     bar.close()
-    relative = {m: [b / bp if bp > 0 else math.nan for b, bp in zip(best[m], best["backprop"], strict=True)]
+    relative = {m: [b / bp if bp > 0 else math.nan for b, bp in zip(best[m], best[oracle_method()], strict=True)]
                 for m in config.methods}
     stats = {m: mean_std(v) for m, v in relative.items()}
-    base = stats["directional"][0] if "directional" in stats else math.nan
+    base = stats[RATIO_BASELINE][0] if RATIO_BASELINE in stats else math.nan
     results = {
         "checkpoints": marks,
         "step_sizes": list(config.step_sizes),
@@ -200,13 +189,23 @@ def plot_one_step(record: dict[str, Any]) -> Any:
         vals = [res[key][m] for m in ms]
         ax.bar(range(len(ms)), [np.nan if v is None or v <= 0 else v for v in vals],
                yerr=[res["relative_std"][m] or 0 for m in ms] if key == "relative_mean" else None,
-               color=[METHOD_COLORS[m] for m in ms])
+               color=[method_color(m) for m in ms])
         for i, v in enumerate(vals):
             if v is not None and v > 0:
                 ax.text(i, v, f"{v:.2g}", ha="center", va="bottom", fontsize=7)
         ax.set_yscale("log")
-        ax.set_xticks(range(len(ms)), [METHOD_LABELS[m] for m in ms], rotation=35, ha="right", fontsize=7)
+        ax.set_xticks(range(len(ms)), [method_label(m) for m in ms], rotation=35, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)
     fig.suptitle(f"MLP {cfg['depth']}x{cfg['width']}, {cfg['dataset']}, {len(res['checkpoints'])} checkpoints",
                  fontsize=9)
     return fig
+
+
+def summarize_one_step(record: dict[str, Any]) -> str:
+    """The text table of :func:`run_one_step`'s record: best one-step loss reduction relative to backprop's."""
+    res, cfg = record["results"], record["config"]
+    rows = [(m, res["relative_mean"][m], res["relative_std"][m], res["cosine"][m], res["ratio_to_directional"][m])
+            for m in res["relative_mean"]]
+    return text_table(("method", "reduction / backprop", "std", "mean cosine", f"x {RATIO_BASELINE}"), rows,
+                      title=f"best one-step loss reduction relative to backprop, MLP {cfg['depth']}x{cfg['width']} on "
+                            f"{cfg['dataset']}, {len(res['checkpoints'])} checkpoints")

@@ -29,6 +29,7 @@ from ._common import (
     finish,
     load,
     make_mlp,
+    text_table,
 )
 
 __all__ = ["SubspaceConfig", "projection_cosine", "run_subspace"]
@@ -180,3 +181,11 @@ def plot_subspace(record: dict[str, Any]) -> Any:
         axes[row, 0].set_ylabel("cos(gradient, its projection)")
         axes[row, 0].legend(fontsize=6, title="solid: activation PCA\ndashed: random", title_fontsize=6)
     return fig
+
+
+def summarize_subspace(record: dict[str, Any]) -> str:
+    """The text table of :func:`run_subspace`'s record: per ``k``, the mean cosine of the gradients with their
+    projection on the top-``k`` activation principal components and on a random ``k``-dimensional subspace."""
+    rows = [(k, v["pca"], v["random"]) for k, v in record["results"]["at_k"].items()]
+    return text_table(("k", "PCA subspace", "random subspace"), rows,
+                      title="cosine of the gradient with its projection (mean over layers, epochs and depths)")

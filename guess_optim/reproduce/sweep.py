@@ -14,23 +14,28 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..guesses import METHODS
+from .._checks import check_float
 from ._common import (
-    METHOD_COLORS,
-    METHOD_LABELS,
     OPTIMIZERS,
     DatasetConfig,
+    all_methods,
     arg,
+    build_optimizer,
     derive_seed,
     figure,
     finish,
     load,
     make_mlp,
-    make_optimizer,
+    method_color,
+    method_label,
+    text_table,
     train,
 )
 
-__all__ = ["SweepConfig", "run_sweep"]
+__all__ = ["PAPER_OPTIMIZERS", "SweepConfig", "run_sweep"]
+
+PAPER_OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "stable-adamw")
+"""The optimizers of the paper's sweep (App. A.3)."""
 
 
 @dataclass
@@ -39,8 +44,9 @@ class SweepConfig(DatasetConfig):
 
     depth: int = arg(3, "linear layers of the MLP (paper: 3)")
     width: int = arg(128, "hidden units per layer (paper: 128)")
-    methods: tuple[str, ...] = arg(tuple(METHODS), "methods")
-    optimizers: tuple[str, ...] = arg(OPTIMIZERS, "optimizers")
+    methods: tuple[str, ...] = arg(all_methods, "methods (every registered one by default)")
+    optimizers: tuple[str, ...] = arg(PAPER_OPTIMIZERS, f"optimizers, from {', '.join(OPTIMIZERS)} (paper: AdamW, SGD, "
+                                      "StableAdamW)")
     lrs: tuple[float, ...] = arg((1e-2, 1e-3, 1e-4, 1e-5), "learning rates (paper: 1e-2..1e-5)")
     momentum: float = arg(0.0, "SGD momentum")
     epochs: int = arg(8, "training epochs (paper: 1000)")
@@ -50,11 +56,8 @@ class SweepConfig(DatasetConfig):
         self.check_positive("depth", "width", "epochs")
         self.check_methods("methods")
         self.check_floats("lrs")
-        if not (isinstance(self.optimizers, tuple) and self.optimizers
-                and all(o in OPTIMIZERS for o in self.optimizers)):
-            raise ValueError(f"Invalid optimizers: {self.optimizers!r}; expected names from {', '.join(OPTIMIZERS)}")
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise ValueError(f"Invalid momentum: {self.momentum!r}; expected a float in [0, 1)")
+        self.check_choices("optimizers", OPTIMIZERS)
+        check_float("momentum", self.momentum, low=0.0, high=1.0, high_strict=True)
 
 
 def run_sweep(config: SweepConfig, *, out_dir: str | os.PathLike | None = None,
@@ -78,7 +81,7 @@ def run_sweep(config: SweepConfig, *, out_dir: str | os.PathLike | None = None,
             per_lr = {}
             for lr in config.lrs:
                 model = make_mlp(splits, config.depth, config.width, seed)
-                opt = make_optimizer(opt_name, model.parameters(), lr, momentum=config.momentum)
+                opt = build_optimizer(opt_name, model.parameters(), lr=lr, momentum=config.momentum)
                 log = train(model, method, splits, opt, steps=config.epochs * per_epoch, batch_size=config.batch_size,
                             seed=derive_seed(seed, 1), eval_every=per_epoch, progress=progress,
                             desc=f"{method} {opt_name} lr={lr:g}")
@@ -105,8 +108,8 @@ def plot_sweep(record: dict[str, Any]) -> Any:
         for method, per_opt in res["best"].items():
             lr = per_opt[opt_name]["lr"]
             r = res["runs"][method][opt_name][f"{lr:g}"]
-            ax.plot(r["epochs"], [100 * v for v in r["train_acc"]], marker=".", color=METHOD_COLORS[method],
-                    label=f"{METHOD_LABELS[method]} (lr {lr:g})")
+            ax.plot(r["epochs"], [100 * v for v in r["train_acc"]], marker=".", color=method_color(method),
+                    label=f"{method_label(method)} (lr {lr:g})")
         ax.set_xlabel("epoch")
         ax.set_ylabel("train accuracy (%)")
         ax.set_title(opt_name, fontsize=9)
@@ -114,3 +117,11 @@ def plot_sweep(record: dict[str, Any]) -> Any:
     cfg = record["config"]
     fig.suptitle(f"best learning rate per method, MLP {cfg['depth']}x{cfg['width']}, {cfg['dataset']}", fontsize=9)
     return fig
+
+
+def summarize_sweep(record: dict[str, Any]) -> str:
+    """The text table of :func:`run_sweep`'s record: the best learning rate per method and optimizer."""
+    rows = [(m, opt, b["lr"], b["train_acc"], b["test_acc"]) for m, per_opt in record["results"]["best"].items()
+            for opt, b in per_opt.items()]
+    return text_table(("method", "optimizer", "best lr", "train acc", "test acc"), rows,
+                      title="best learning rate per method and optimizer (final train accuracy)")

@@ -15,21 +15,23 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_float, check_int
 from ..data import DATASETS
-from ..guesses import METHODS as ALL_METHODS
 from ._common import (
-    METHOD_COLORS,
-    METHOD_LABELS,
     OPTIMIZERS,
     BaseConfig,
+    all_methods,
     arg,
+    build_optimizer,
     derive_seed,
     figure,
     finish,
     load,
     make_mlp,
-    make_optimizer,
     mean_std,
+    method_color,
+    method_label,
+    text_table,
     train,
 )
 
@@ -43,7 +45,7 @@ class Table1Config(BaseConfig):
     datasets: tuple[str, ...] = arg(("mnist-5k",), "datasets (paper: mnist,svhn,cifar10,cifar100 via --data-dir)")
     configs: tuple[tuple[int, int], ...] = arg(((3, 128), (6, 128)),
                                                "MLP depth x width (paper: 3x128,6x128,3x1024,6x1024)")
-    methods: tuple[str, ...] = arg(tuple(ALL_METHODS), "methods")
+    methods: tuple[str, ...] = arg(all_methods, "methods (every registered one by default)")
     seeds: int = arg(2, "seeds per cell (mean ± std over them)")
     epochs: int = arg(15, "training epochs")
     optimizer: str = arg("adamw", "optimizer of every method but self-sharpening", choices=OPTIMIZERS)
@@ -59,14 +61,14 @@ class Table1Config(BaseConfig):
         self.check_methods("methods")
         self.check_choice("optimizer", OPTIMIZERS)
         self.check_choice("self_sharpening_optimizer", OPTIMIZERS)
-        if not (isinstance(self.datasets, tuple) and self.datasets and all(d in DATASETS for d in self.datasets)):
-            raise ValueError(f"Invalid datasets: {self.datasets!r}; expected names from {', '.join(DATASETS)}")
-        if not (isinstance(self.configs, tuple) and self.configs and all(
-                isinstance(c, tuple) and len(c) == 2 and all(isinstance(v, int) and v >= 1 for v in c)
-                for c in self.configs)):
+        self.check_choices("datasets", DATASETS)
+        if not (isinstance(self.configs, tuple) and self.configs
+                and all(isinstance(c, tuple) and len(c) == 2 for c in self.configs)):
             raise ValueError(f"Invalid configs: {self.configs!r}; expected depth x width pairs such as 3x128,6x128")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"Invalid weight_decay: {self.weight_decay!r}; expected a number >= 0")
+        for depth, width in self.configs:
+            check_int("configs (depth)", depth, low=1)
+            check_int("configs (width)", width, low=1)
+        check_float("weight_decay", self.weight_decay, low=0.0)
 
 
 def run_table1(config: Table1Config, *, out_dir: str | os.PathLike | None = None,
@@ -93,7 +95,7 @@ def run_table1(config: Table1Config, *, out_dir: str | os.PathLike | None = None
                     model = make_mlp(splits, depth, width, seed)
                     params = sum(p.numel() for p in model.parameters())
                     opt_name = config.self_sharpening_optimizer if method == "self-sharpening" else config.optimizer
-                    opt = make_optimizer(opt_name, model.parameters(), config.lr, weight_decay=config.weight_decay)
+                    opt = build_optimizer(opt_name, model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
                     log = train(model, method, splits, opt, steps=steps, batch_size=config.batch_size,
                                 seed=derive_seed(seed, 1), progress=progress,
                                 desc=f"{dataset} {depth}x{width} {method} s{s}")
@@ -121,10 +123,19 @@ def plot_table1(record: dict[str, Any]) -> Any:
                 e = [per_cfg[c][m][f"{split}_std"] for c in cfgs]
                 ax.errorbar(range(len(cfgs)), [np.nan if v is None else 100 * v for v in y],
                             yerr=[0 if v is None else 100 * v for v in e], marker="o", capsize=3,
-                            label=METHOD_LABELS[m], color=METHOD_COLORS[m])
+                            label=method_label(m), color=method_color(m))
             ax.set_xticks(range(len(cfgs)), [f"({c.replace('x', ', ')})" for c in cfgs])
             ax.set_xlabel("(depth, width), by parameter count")
             ax.set_ylabel(f"{split} accuracy (%)")
             ax.set_title(f"{dataset}: {split}")
     axes[0, 0].legend(fontsize=7)
     return fig
+
+
+def summarize_table1(record: dict[str, Any]) -> str:
+    """The text table of :func:`run_table1`'s record: final accuracies, mean ± std over seeds."""
+    rows = [(dataset, cfg, m, (v["train_mean"], v["train_std"]), (v["test_mean"], v["test_std"]))
+            for dataset, per_cfg in record["results"].items() for cfg, cell in per_cfg.items()
+            for m, v in cell.items()]
+    return text_table(("dataset", "MLP", "method", "train acc", "test acc"), rows,
+                      title=f"final accuracy, mean ± std over {record['config']['seeds']} seeds")
