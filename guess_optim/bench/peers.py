@@ -9,8 +9,9 @@ not its optimizer.
 * ``torchzero-fg``: torchzero's ``ForwardGradient`` (Baydin et al. 2022, "Gradients without Backpropagation"): one
   forward with a JVP along a Gaussian ``V`` of every parameter's shape, estimate ``(∇L·V) V``. torchzero computes the
   estimate (``ForwardGradient.approximate``, with torchzero's defaults: one Gaussian sample, autograd JVP, the
-  forward run with grad enabled as torchzero runs it); its ``Optimizer`` chain is not used. torchzero is optional: the
-  peer is :class:`Unavailable` when it is not installed.
+  forward run with grad enabled as torchzero runs it); its ``Optimizer`` chain is not used, so neither is its
+  ``pre_generate`` copy of ``V`` kept in the module state between steps: ``V`` is drawn inside ``approximate`` and
+  freed with the step. torchzero is optional: the peer is :class:`Unavailable` when it is not installed.
 """
 
 from __future__ import annotations
