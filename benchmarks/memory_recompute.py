@@ -42,7 +42,7 @@ import time
 from typing import Any
 
 from guess_optim import METHODS, get_estimator
-from guess_optim.bench import _maxrss_bytes, _reset_peak_rss, _rss_kib
+from guess_optim.bench.memory import MALLOC_ENV, peak_resettable, step_peak
 
 __all__ = ["CONFIGS", "main", "measure", "run_isolated", "table"]
 
@@ -105,31 +105,21 @@ def measure(config: str, args: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize(device)
 
-    hwm = cuda or _reset_peak_rss()
+    hwm = peak_resettable(device)
     if hwm:
         step(x[:2], y[:2])
 
     def measured_step():
         opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        elif hwm:
-            _reset_peak_rss()
-            base = _rss_kib("VmRSS") * 1024
-        else:
-            base = _maxrss_bytes()
-        start = time.perf_counter()
-        step(x, y)
-        elapsed = time.perf_counter() - start
-        if cuda:
-            peak = torch.cuda.max_memory_allocated(device)
-        elif hwm:
-            peak = _rss_kib("VmHWM") * 1024
-        else:
-            peak = _maxrss_bytes()
-        return int(peak - base), elapsed
+        elapsed = []
+
+        def timed_step():
+            start = time.perf_counter()
+            step(x, y)
+            elapsed.append(time.perf_counter() - start)
+
+        peak, _ = step_peak(timed_step, device)
+        return peak, elapsed[0]
 
     first, first_s = measured_step()
     steady, steady_s = measured_step() if hwm else (None, None)
@@ -161,11 +151,12 @@ def run_isolated(config: str, args: dict[str, Any]) -> dict[str, Any]:
     """:func:`measure` in a fresh spawned process.
 
     On CPU the child's glibc ``malloc`` serves every block above 64 KiB by ``mmap`` and returns it to the OS on
-    ``free`` (``MALLOC_MMAP_THRESHOLD_``), so that the resident set follows the live tensors instead of what the
-    allocator kept from earlier steps.
+    ``free`` (:data:`guess_optim.bench.memory.MALLOC_ENV`), so that the resident set follows the live tensors
+    instead of what the allocator kept from earlier steps.
     """
     ctx = mp.get_context("spawn")
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
+    for key, value in MALLOC_ENV.items():
+        os.environ.setdefault(key, value)
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(config, args, queue))
     proc.start()

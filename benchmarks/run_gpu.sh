@@ -6,9 +6,11 @@
 # Installs nothing: it uses the first Python that imports torch with CUDA ($PYTHON, .venv/bin/python, python3;
 # scripts/setup.sh makes .venv where a package registry is reachable). torchzero and transformers are optional: the
 # benchmark skips the torchzero peer or the ViT configurations, with a message in the report, when they are missing.
-# Budget: under 8 minutes on one H200 (the whole 36-point MLP grid, the ConvNet and ViT-B/16 prompt tuning at batch
-# 32; memory in-process from torch.cuda statistics); `timeout` stops it at 7.5 minutes, and a partial run still leaves
-# its log. Never asserts speed: read the ratios in the report.
+# What it measures (see guess_optim/bench/suite.py): the whole 36-point MLP grid with the core runners, every runner on
+# the 6x1024 MLP and the ConvNet, ViT-B/16 prompt tuning at batch 8 and 32; steps are timed between
+# torch.cuda.synchronize() calls, memory in-process from torch.cuda.max_memory_allocated().
+# Budget: under 8 minutes on one H200; `timeout` stops it at 7.5 minutes, and a partial run still leaves its log and
+# the results of the cases it finished. Never asserts speed: read the ratios in the report.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out-gpu}

@@ -15,6 +15,7 @@ from torch import nn
 
 from guess_optim import bench
 from guess_optim.bench import Case, Config, evaluate_targets, floor_ratio, main, mezo_step, time_case
+from guess_optim.bench import peers as bench_peers
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +89,7 @@ def test_floor_with_a_frozen_backbone_counts_two_products_per_layer():
     assert floor_ratio("wt@recompute", frozen=True) == pytest.approx(1.5)
 
 
-@pytest.mark.parametrize("runner", ["sgd", "wt@stash", "mezo@recompute", ""])
+@pytest.mark.parametrize("runner", ["sgd", "wt@stash", "mezo@recompute", "backprop@recompute", ""])
 def test_unknown_runner_is_refused(runner):
     with pytest.raises(ValueError, match="Invalid runner"):
         floor_ratio(runner)
@@ -111,7 +112,7 @@ def test_missing_torchzero_is_skipped_with_a_message(monkeypatch):
     def missing():
         raise bench.Unavailable("torchzero is not installed (pip install torchzero; benchmark only)")
 
-    monkeypatch.setattr(bench, "_torchzero", missing)
+    monkeypatch.setattr(bench_peers, "_torchzero", missing)
     rows, skipped = time_case(Case(Config("mlp", 4, 2, 8), ("wt", "torchzero-fg"), rounds=1), warmup=0)
     assert {r["runner"] for r in rows} == {"backprop", "wt"}
     assert skipped == [{"config": "mlp-d2-w8-b4", "runner": "torchzero-fg",
@@ -155,18 +156,176 @@ def test_mezo_refuses_low_precision_and_bad_eps():
 def test_targets_are_met_missed_or_not_measured():
     row = {"config": "mlp-d6-w1024-b128"}
     results = {
-        "time": [{**row, "runner": "activation", "ratio": 1.05}, {**row, "runner": "wt", "ratio": 1.6},
+        "time": [{**row, "runner": "activation", "ratio": 0.95}, {**row, "runner": "wt", "ratio": 1.6},
                  {**row, "runner": "directional", "ratio": 1.2}, {**row, "runner": "torchzero-fg", "ratio": 2.4}],
         "memory": [],
     }
     by = {(t["target"], t["config"]): t for t in evaluate_targets(results)}
-    names = {t.name: t for t in bench.TARGETS}
-    act = next(n for n in names if n.startswith("activation-space"))
-    wt = next(n for n in names if n.startswith("wt step time"))
-    fg = next(n for n in names if n.startswith("directional faster"))
+
+    def name(kind, runner, config):
+        return next(t.name for t in bench.TARGETS if (t.kind, t.runner, t.config) == (kind, runner, config))
+
+    act = name("time", "activation", "mlp-d6-w1024-b128")
+    wt = name("time", "wt", "mlp-d6-w1024-b128")
+    fg = name("no-slower", "directional", None)
     assert by[(act, "mlp-d6-w1024-b128")]["met"] is True
     assert by[(wt, "mlp-d6-w1024-b128")]["met"] is False
     assert by[(fg, "mlp-d6-w1024-b128")]["measured"] == pytest.approx(0.5)
     assert by[(fg, "mlp-d6-w1024-b128")]["met"] is True
-    memory = [t for t in evaluate_targets(results) if "memory" in t["target"]]
+    # targets on other configurations are not measured here: one row each, without a configuration
+    assert (name("time", "wt", "mlp-d3-w128-b128"), None) in by
+    memory = [t for t in evaluate_targets(results) if t["target"] in {t.name for t in bench.TARGETS
+                                                                      if t.kind == "memory"}]
     assert memory and all(t["met"] is None and t["config"] is None for t in memory)
+
+
+# ------------------------------------------------------------------------------------ floors from the registry
+def test_a_registered_estimator_gets_a_floor_and_joins_every_runner_without_a_bench_change():
+    from dataclasses import dataclass
+
+    from guess_optim import Estimator, register_estimator, unregister_estimator
+
+    @dataclass(frozen=True)
+    class ThreeMatmuls(Estimator):  # an activation-space guess costing 3 layer-sized products (say, a rank-3 sketch)
+        name = "bench-test-three-matmuls"
+        summary = "test only"
+        needs = "next"
+        guess_matmuls = 3
+
+        def guess(self, site):
+            return torch.randn(site.output.shape, generator=site.generator)
+
+    register_estimator(ThreeMatmuls)
+    try:
+        assert floor_ratio(ThreeMatmuls.name) == pytest.approx((3 + 3) / 3)
+        # recompute replays the primal and the guess: 3 + 3 + 1 + 3
+        assert floor_ratio(f"{ThreeMatmuls.name}@recompute") == pytest.approx(10 / 3)
+        assert floor_ratio(ThreeMatmuls.name, frozen=True) == 1.0
+        assert {ThreeMatmuls.name, f"{ThreeMatmuls.name}@recompute"} <= set(bench.every_runner())
+        assert ThreeMatmuls.name in bench.suite("quick")[0].runners
+    finally:
+        unregister_estimator(ThreeMatmuls.name)
+    with pytest.raises(ValueError, match="Invalid runner"):
+        floor_ratio(ThreeMatmuls.name)
+    assert ThreeMatmuls.name not in bench.every_runner()
+
+
+def test_runner_lists_follow_the_registry_and_the_targets():
+    from guess_optim import METHODS
+
+    guessed = {m for m, c in METHODS.items() if c.space != "backprop"}
+    assert {bench.parse_runner(r).method for r in bench.every_runner()} == guessed | set(bench.PEERS)
+    assert bench.backprop_runner() == "backprop"
+    named = {t.runner for t in bench.TARGETS} | {t.other for t in bench.TARGETS if t.other}
+    assert named <= set(bench.core_runners())
+    cases = {c.config.label: c for c in bench.suite("full")}  # every target configuration, with its runner
+    for t in bench.TARGETS:
+        if t.config is not None:
+            assert t.runner in (cases[t.config].memory if t.kind == "memory" else cases[t.config].runners), t.name
+
+
+# ------------------------------------------------------------------------------------------------- the console
+def test_console_table_has_every_column_and_a_dash_where_not_measured():
+    time_rows = [
+        {"runner": "backprop", "time_s": 0.010, "ratio": 1.0, "ratio_iqr": 0.0, "floor": 1.0, "rounds": 18},
+        {"runner": "wt", "time_s": 0.0125, "ratio": 1.25, "ratio_iqr": 0.04, "floor": 4 / 3, "rounds": 9},
+    ]
+    memory_rows = [{"runner": "backprop", "step_bytes": 2 * 2**20, "ratio": 1.0},
+                   {"runner": "wt@recompute", "step_bytes": 2**20, "ratio": 0.5}]
+    lines = bench.console_table("mlp-d6-w1024-b128", time_rows, memory_rows).splitlines()
+    assert lines[0] == "mlp-d6-w1024-b128 (9 rounds)"
+    assert lines[1].split() == ["runner", "ms/step", "time", "x", "bp", "IQR", "floor", "peak", "MiB", "peak", "x",
+                                "bp"]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in lines[2:]}
+    assert rows["backprop"] == ["10.0", "1.00", "0.00", "1.00", "2.0", "1.00"]
+    assert rows["wt"] == ["12.5", "1.25", "0.04", "1.33", "–", "–"]
+    assert rows["wt@recompute"] == ["–", "–", "–", "–", "1.0", "0.50"]
+
+
+def test_the_console_prints_one_table_per_case_and_only_measured_targets(capsys):
+    code = main(["--config", "mlp-d2-w8-b4", "--config", "mlp-d3-w8-b4", "--runners", "activation,wt",
+                 "--rounds", "2", "--warmup", "0", "--no-memory", "--threads", "1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("floor: the matrix-product floor")
+    headers = [ln for ln in out.splitlines() if ln.split()[:2] == ["runner", "ms/step"]]
+    assert len(headers) == 2
+    for label in ("mlp-d2-w8-b4", "mlp-d3-w8-b4"):
+        assert f"{label} (2 rounds)" in out
+    assert "issue" not in out
+    assert "not measured" not in out and "target" not in out  # no target is about these configurations
+
+
+def test_help_texts_say_what_is_measured(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out + bench.SUITE_NOTES["full"] + (bench.suite.__doc__ or "")
+    assert "issue" not in text
+    for runner in bench.every_runner():
+        assert bench.parse_runner(runner).method in text
+
+
+# ----------------------------------------------------------------------------------------------------- devices
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_exits_2_with_a_message(device, capsys):
+    assert main(["--device", device, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--device", "tpu"], "Invalid --device"), (["--device", "cpu:x"], "Invalid --device"),
+    (["--rounds", "0"], "Invalid --rounds"), (["--warmup", "-1"], "Invalid --warmup"),
+    (["--threads", "0"], "Invalid --threads"),
+])
+def test_bad_numbers_and_devices_exit_2(argv, message, capsys):
+    assert main([*argv, "--quiet", "--no-memory"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gpu_script_parses():
+    import pathlib
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "run_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, check=False).returncode == 0
+
+
+# ------------------------------------------------------------------------------------------------------ peers
+def test_torchzero_peer_writes_its_forward_gradient_and_steps_the_shared_adamw(monkeypatch):
+    pytest.importorskip("torchzero")
+    from guess_optim.bench.runners import Runner, build
+
+    built = build(Config("mlp", 4, 2, 8), torch.device("cpu"), 0)
+    runner = Runner("torchzero-fg", built, seed=5)
+    assert type(runner.optimizer) is torch.optim.AdamW
+    steps = []
+    original = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (steps.append(self), original(self, *a, **k)))
+    before = [p.detach().clone() for p in runner.params]
+
+    # backprop's gradient at the same point, on a copy
+    reference = Runner("backprop", built, seed=5)
+    reference.model.load_state_dict(runner.model.state_dict())
+    reference.loss().backward()
+    grad = [p.grad for p in reference.params]
+
+    runner.step()
+    assert steps == [runner.optimizer]
+    # torchzero's estimate (∇L·V) V, V ~ N(0, I) drawn from its generator seeded with the runner's seed
+    gen = torch.Generator().manual_seed(5)
+    v = [torch.randn(p.shape, generator=gen) for p in runner.params]
+    d = sum((vi * gi).sum() for vi, gi in zip(v, grad, strict=True))
+    for p, vi in zip(runner.params, v, strict=True):
+        torch.testing.assert_close(p.grad, d * vi, rtol=1e-4, atol=1e-6)
+    # and the step is AdamW's on that estimate: replay it on a copy of the weights
+    copies = [b.clone().requires_grad_() for b in before]
+    for c, p in zip(copies, runner.params, strict=True):
+        c.grad = p.grad.clone()
+    torch.optim.AdamW(copies, lr=bench.runners.LR, weight_decay=0.0).step()
+    for c, p in zip(copies, runner.params, strict=True):
+        torch.testing.assert_close(p.detach(), c.detach())
