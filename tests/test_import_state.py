@@ -15,20 +15,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = [
     "guess_optim", "guess_optim._checks", "guess_optim._io", "guess_optim._seeds", "guess_optim.cli",
     "guess_optim.diagnostics", "guess_optim.models", "guess_optim.optim", "guess_optim.prompts", "guess_optim.trainer",
-    "guess_optim.reproduce", "guess_optim.reproduce.runner",
+    "guess_optim.reproduce", "guess_optim.reproduce.runner", "guess_optim.engine", "guess_optim.attach",
+    "guess_optim.handle", "guess_optim.step", "guess_optim.estimators", "guess_optim.graph", "guess_optim.bench",
+    "guess_optim.data",
 ]
 HF_MODULES = ["guess_optim.integrations.hf", "guess_optim.integrations.vpt"]
 THIRD_PARTY = ["numpy", "torch", "torch.nn.functional", "torch.utils.data", "tqdm", "tqdm.auto"]
 
-# guess_optim/engine.py (imported by the package) adds a filter for torch.jit.script's FutureWarning at import; that
-# module is outside what this test guards, so its one filter is tolerated here (and only it).
-KNOWN_ENGINE_FILTER = "script` is deprecated"
 
 SCRIPT = r"""
 import importlib, json, logging, os, random, sys, warnings
 import numpy as np
 import torch
-for name in sys.argv[2:-1]:
+for name in sys.argv[2:]:
     importlib.import_module(name)  # third-party dependencies, imported before the snapshot
 
 def snapshot():
@@ -50,14 +49,13 @@ before = snapshot()
 for name in sys.argv[1].split(","):
     importlib.import_module(name)
 after = snapshot()
-after["warnings"] = [f for f in after["warnings"] if sys.argv[-1] not in f or f in before["warnings"]]
 print(json.dumps({k: [before[k], after[k]] for k in before if before[k] != after[k]}, default=str))
 """
 
 
 def changed_state(modules: list[str], preload: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    argv = [sys.executable, "-c", SCRIPT, ",".join(modules), *THIRD_PARTY, *preload, KNOWN_ENGINE_FILTER]
+    argv = [sys.executable, "-c", SCRIPT, ",".join(modules), *THIRD_PARTY, *preload]
     out = subprocess.run(argv, capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
