@@ -10,11 +10,13 @@ from torch import nn
 from ._checks import check_choice, check_int
 from .estimators import Estimator, make_estimator
 from .handle import ATTR, GuessHandle
-from .layout import GUESS_POINT_TYPES, unsupported_parameters
+from .layout import GUESS_POINT_TYPES, unsupported_parameters  # noqa: F401  (GUESS_POINT_TYPES: docs)
 from .nonfinite import NONFINITE_POLICIES
 
-__all__ = ["STORES", "attach", "handle_of"]
+__all__ = ["RAW_PARAMETERS", "STORES", "attach", "handle_of"]
 
+RAW_PARAMETERS = ("guess", "directional", "error")
+"""What to do with trainable parameters outside the fast-path modules (``raw_parameters=`` of :func:`attach`)."""
 STORES = ("activations", "recompute")
 """What a step keeps between its forward and its backward (``store=`` of :func:`attach`)."""
 
@@ -34,7 +36,7 @@ def attach(
     head: nn.Module | None = None,
     on_nonfinite: str = "skip",
     store: str = "activations",
-    raw_parameters: str = "error",
+    raw_parameters: str = "guess",
     **options: Any,
 ) -> GuessHandle:
     """Train ``model`` with guessed gradients: an unchanged ``loss.backward()`` writes the estimate to ``p.grad``.
@@ -77,10 +79,13 @@ def attach(
             like backprop's); ``"recompute"`` keeps only the input batch and the generator/RNG states, and runs a
             second forward during ``backward()`` that regenerates them one layer at a time (memory near inference's,
             one extra forward of compute; same estimate). (default: ``"activations"``)
-        raw_parameters: what to do with trainable parameters held by modules that are not guess points (e.g. a
-            ViT's ``cls_token``): ``"error"`` refuses them at attach time; ``"directional"`` gives them a
-            weight-space guess ``V ~ N(0, I)`` (one per step, shared by the ``num_guesses`` blocks) for every
-            method. (default: ``"error"``)
+        raw_parameters: what to do with trainable parameters outside the fast-path modules (a ViT's ``cls_token``,
+            position embeddings, ``nn.MultiheadAttention``, transformers' ``Conv1D``, ``RMSNorm``, parametrized or
+            weight-normed layers, a weight used outside its module): ``"guess"`` makes every op where one meets the
+            batch a guess point of the method (its estimate is that op's local VJP, pulled back exactly through the
+            parameter-only ops before it); ``"directional"`` gives them a weight-space guess ``V ~ N(0, I)`` per use
+            (shared by the ``num_guesses`` blocks) for every method; ``"error"`` refuses them at attach time.
+            (default: ``"guess"``)
         **options: the estimator's own options, e.g. ``power=`` of ``"wt"`` (also ``wt_power=``), ``layers=`` and
             ``distribution=`` of ``"downstream"`` (also ``downstream_layers=``). See each class in
             :mod:`guess_optim.estimators`.
@@ -105,7 +110,7 @@ def attach(
         )
     check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
     check_choice("store", store, STORES)
-    check_choice("raw_parameters", raw_parameters, ("error", "directional"))
+    check_choice("raw_parameters", raw_parameters, RAW_PARAMETERS)
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
     else:
@@ -115,12 +120,11 @@ def attach(
         unsupported = unsupported_parameters(model)
         if unsupported:
             name, mod, own = unsupported[0]
-            supported = ", ".join(t.__name__ for t in GUESS_POINT_TYPES)
             raise ValueError(
-                f"module {name or '<root>'!r} ({type(mod).__name__}) has trainable parameters {own}, but "
-                f"guessed gradients support trainable parameters only in: {supported}. Freeze it "
-                "(requires_grad_(False)), pass raw_parameters='directional' to guess them in weight space, "
-                "or use method='backprop'."
+                f"module {name or '<root>'!r} ({type(mod).__name__}) has trainable parameters {own} outside the fast "
+                "paths, and raw_parameters='error' refuses them. Pass raw_parameters='guess' (the default: every op "
+                "where they meet the batch is a guess point), raw_parameters='directional' (weight-space guesses), "
+                "freeze them (requires_grad_(False)), or use method='backprop'."
             )
     return GuessHandle(model, estimator, seed=int(seed), exact_head=exact_head, num_guesses=int(num_guesses),
                        head=head, on_nonfinite=on_nonfinite, store=store, raw_parameters=raw_parameters)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["BOUNDARY", "Chain", "Edge", "Graph", "GraphCache", "GraphError", "discover"]
+__all__ = ["BOUNDARY", "Chain", "Edge", "Graph", "GraphCache", "GraphError", "discover", "out_of_place"]
 
 BOUNDARY = "<boundary>"
 """Consumer name of an edge that leaves the guessing region (the model's or the head's output)."""
@@ -226,7 +226,7 @@ class _Tracer(TorchFunctionMode):
         followed = [t for t in leaves if self.origins(t)]
         if not followed:
             return func(*args, **kwargs)
-        replay_func, replay_kwargs, inplace = _out_of_place(func, kwargs)
+        replay_func, replay_kwargs, inplace = out_of_place(func, kwargs)
         replay_args, replay_kwargs = _without_running_stat_updates(func, args, replay_kwargs)
         # Operands other than the followed tensor are captured by value; an in-place op would modify them.
         snapshot = {id(x): (x.detach().clone() if inplace else x.detach()) for x in leaves if isinstance(x, Tensor)}
@@ -293,7 +293,7 @@ def _without_running_stat_updates(func: Callable, args: tuple, kwargs: dict) -> 
     return tuple(args), kwargs
 
 
-def _out_of_place(func: Callable, kwargs: dict) -> tuple[Callable, dict, bool]:
+def out_of_place(func: Callable, kwargs: dict) -> tuple[Callable, dict, bool]:
     """The out-of-place version of an in-place op (``relu_`` → ``relu``, ``__iadd__`` → ``__add__``,
     ``inplace=True`` → ``False``), and whether ``func`` is in-place."""
     name = _op_name(func)

@@ -7,7 +7,9 @@ step and hand it the call.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +21,6 @@ from .contexts import primal
 from .errors import GuessingNotSupportedError
 from .estimators import Estimator
 from .graph import Graph, GraphCache
-from .guesses import directional_guess
 from .layout import Layout
 from .nonfinite import NonFinitePolicy
 from .records import Record
@@ -28,6 +29,7 @@ from .step import GuessingStep
 __all__ = ["ATTR", "GuessHandle"]
 
 ATTR = "_guess_optim_handle"
+_DYNAMO_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
 """The attribute of the model that holds its handle (so :func:`~guess_optim.handle_of` finds it, also on a copy)."""
 
 
@@ -62,7 +64,9 @@ class GuessHandle:
         self.num_guesses = num_guesses
         self.head = head if head is not None else model
         self.store = store
-        self.layout = Layout.of(model, raw_parameters)
+        self.raw_parameters = raw_parameters
+        self.layout = Layout.of(model)
+        self.param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self.names = self.layout.names
         self.guess_points = self.layout.guess_points
         # downstream guesses walk on from the next modules' own edges; the others need the guess points' only
@@ -103,10 +107,13 @@ class GuessHandle:
             add(m.register_forward_pre_hook(self._on_product_pre))
             add(m.register_forward_hook(self._on_product_post, prepend=True))
         for m in self.guess_points:
-            add(m.register_forward_hook(self._on_guess_point))
+            # prepended: whether this call reads the batch is decided on its inputs as the caller passed them
+            add(m.register_forward_pre_hook(self._on_fast_pre, prepend=True))
+            add(m.register_forward_hook(self._on_guess_point, always_call=True))
         for m in self.layout.frozen_norms:
             add(m.register_forward_hook(self._on_frozen_norm))
-        add(self.head.register_forward_hook(self._on_boundary))
+        if self.head is not model:
+            add(self.head.register_forward_hook(self._on_boundary))
         # Runs even when forward raises, so the dual level and the contexts never stay open.
         add(model.register_forward_hook(self._on_root_post, always_call=True))
         self._forward = model.__dict__.get("forward")
@@ -180,14 +187,16 @@ class GuessHandle:
         finally:
             self._captured = None
 
-    def captured(self, module: nn.Module, record: Record, graph: Graph | None) -> None:
+    def captured(self, name: str, record: Record, graph: Graph | None, module: nn.Module | None = None) -> None:
+        """Called at each guess point: add it to the list of :meth:`capture`, if one is open."""
         if self._captured is None:
             return
-        guess, tangents = getattr(record, "guess", None), getattr(record, "tangents", None)
+        guesses = getattr(record, "guesses", None)
+        guess = getattr(record, "guess", None) if not guesses else guesses[0]
+        tangents = getattr(record, "tangents", None)
         nexts = [self.names[e.consumer] for e in graph.next_edges(module)] if (
-            graph is not None and guess is not None and self.estimator.needs is not None) else []
-        self._captured.append({"module": self.names[module], "guess": guess, "tangents": tangents,
-                               "next_modules": nexts})
+            graph is not None and module is not None and guess is not None and self.estimator.needs is not None) else []
+        self._captured.append({"module": name, "guess": guess, "tangents": tangents, "next_modules": nexts})
 
     # --------------------------------------------------------------------------------------------- generators
     def generator(self, device: torch.device | str) -> torch.Generator:
@@ -198,10 +207,6 @@ class GuessHandle:
             g.manual_seed(self.seed)
             self._generators[device] = g
         return self._generators[device]
-
-    def directional_guess(self, param: Tensor) -> Tensor:
-        """A weight-space guess for a parameter outside the guess points (``raw_parameters="directional"``)."""
-        return directional_guess(param, self.generator(param.device))
 
     @contextlib.contextmanager
     def generators_at(self, states: dict[torch.device, Tensor]) -> Iterator[None]:
@@ -245,6 +250,8 @@ class GuessHandle:
         step = self._step
         return None if step is None or step.closed or self._internal else step
 
+    # The hooks hand the call to the live step; the step's own torch calls run as the engine's (internal), which
+    # the guessing mode and the other hooks let through.
     def _on_root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         if self._internal or (self._step is not None and self._step.replaying):
             return None
@@ -252,35 +259,69 @@ class GuessHandle:
         if (self._paused or not self.model.training or not torch.is_grad_enabled()
                 or torch.is_inference_mode_enabled()):
             return None
-        self._step, args, kwargs = GuessingStep.open(self, args, kwargs)
+        _refuse_compiled(self.model)
+        with self.internal():
+            self._step, args, kwargs = GuessingStep.open(self, args, kwargs)
         return args, kwargs
 
     def _on_product_pre(self, module: nn.Module, args: tuple) -> tuple | None:
         step = self._live()
-        return None if step is None or not torch.is_grad_enabled() else step.strip_input_tangent(module, args)
+        if step is None or not torch.is_grad_enabled():
+            return None
+        with self.internal():
+            return step.strip_input_tangent(module, args)
 
     def _on_product_post(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
         step = self._live()
-        return None if step is None else step.add_output_tangent(module, output)
+        if step is None:
+            return None
+        with self.internal():
+            return step.add_output_tangent(module, output)
+
+    def _on_fast_pre(self, module: nn.Module, args: tuple) -> None:
+        step = self._live()
+        if step is not None:
+            with self.internal():
+                step.enter_module(module, args if torch.is_grad_enabled() else ())
 
     def _on_guess_point(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
         step = self._live()
-        # under the model's own no_grad, a module gets no gradient in backprop either
-        return None if step is None or not torch.is_grad_enabled() else step.guess_point(module, args, output)
+        if step is None or not step.leave_module(module) or sys.exc_info()[0] is not None:
+            return None  # (the last: forward raised, and this hook runs because it is always called)
+        if not torch.is_grad_enabled():  # under the model's own no_grad, no gradient in backprop either
+            return None
+        with self.internal():
+            return step.guess_point(module, args, output)
 
     def _on_frozen_norm(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
         step = self._live()
-        return None if step is None else step.match_tangent_dtype(output)
+        if step is None:
+            return None
+        with self.internal():
+            return step.match_tangent_dtype(output)
 
-    def _on_boundary(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
+    def _on_boundary(self, module: nn.Module, args: tuple, output: Any) -> Any:
         step = self._live()
-        return None if step is None else step.boundary(module, output)
+        if step is None:
+            return None
+        step.head_called = True
+        with self.internal():
+            return step.collect(output, f"of {self.names.get(module)!r}", primary=True)
 
-    def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._internal or (self._step is not None and self._step.replaying):
-            return
-        if self._close_step() and self.head is not self.model:
-            raise RuntimeError(f"head module {self.names.get(self.head)!r} was not called during the model's forward")
+    def _on_root_post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        step = self._step
+        if self._internal or step is None or step.replaying:
+            return None
+        try:
+            if not step.closed and sys.exc_info()[0] is None and output is not None:  # not when forward raised
+                if self.head is not self.model and not step.head_called:
+                    raise RuntimeError(
+                        f"head module {self.names.get(self.head)!r} was not called during the model's forward")
+                with self.internal():
+                    return step.collect(output, "of the model", primary=self.head is self.model)
+        finally:
+            self._close_step()
+        return None
 
     def _close_step(self) -> bool:
         """Close the current step; whether it was still open (its boundary never ran)."""
@@ -303,3 +344,24 @@ class GuessHandle:
                 f"({e}). Replace the op (e.g. a fused/custom kernel) by an equivalent made of standard PyTorch ops, "
                 "freeze the parameters before it, or train with method='backprop'."
             ) from e
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    """``torch.compile`` traces the forward into a graph that forward-mode tangents do not pass through: the estimates
+    would be zeros. Refuse it, whether the whole model or a submodule was compiled, before or after ``attach``."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_DYNAMO_EVAL_FRAME):
+            raise GuessingNotSupportedError(
+                "the model runs under torch.compile, whose compiled graphs drop forward-mode tangents (every estimate "
+                "would be zero): call the attached module itself (not torch.compile(model)) while training with "
+                "guessed gradients, or use method='backprop'"
+            )
+        frame = frame.f_back
+    for name, m in model.named_modules():
+        if getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule":
+            raise GuessingNotSupportedError(
+                f"submodule {name!r} is compiled (torch.compile / module.compile()), and compiled graphs drop "
+                "forward-mode tangents (its estimates would be zero): keep it uncompiled while training with guessed "
+                "gradients"
+            )

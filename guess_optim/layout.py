@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .local_grad import has_product_tangent
 from .prompts import PromptTokens
 
-__all__ = ["GUESS_POINT_TYPES", "Layout", "unsupported_parameters"]
+__all__ = ["GUESS_POINT_TYPES", "Layout", "is_fast_path", "unsupported_parameters"]
 
 GUESS_POINT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -40,8 +41,6 @@ class Layout:
         frozen_norms: frozen normalization layers, traced through like parameter-free ops (paper A.6: a prompt's
             ``Wᵀ`` guess is built from the modules that consume it, through the frozen LayerNorm).
         batchnorms: BatchNorm layers (refused in training mode: they mix the batch).
-        raw: ``(module, name, parameter)`` of trainable parameters outside guess points, guessed in weight space
-            (``raw_parameters="directional"``).
         product_modules: Linear and zero-padded convolutions, whose tangent is computed apart from the primal.
     """
 
@@ -50,16 +49,15 @@ class Layout:
     tracked: list[nn.Module] = field(default_factory=list)
     frozen_norms: list[nn.Module] = field(default_factory=list)
     batchnorms: list[nn.Module] = field(default_factory=list)
-    raw: list[tuple[nn.Module, str, nn.Parameter]] = field(default_factory=list)
     product_modules: list[nn.Module] = field(default_factory=list)
 
     @classmethod
-    def of(cls, model: nn.Module, raw_parameters: str) -> Layout:
+    def of(cls, model: nn.Module) -> Layout:
         layout = cls(names={m: n for n, m in model.named_modules()})
         for m in model.modules():
-            if has_product_tangent(m):
+            if has_product_tangent(m) and not parametrize.is_parametrized(m):
                 layout.product_modules.append(m)
-            if isinstance(m, GUESS_POINT_TYPES):
+            if is_fast_path(m):
                 if any(p.requires_grad for p in m.parameters(recurse=False)):
                     layout.guess_points.append(m)
                     layout.tracked.append(m)
@@ -67,19 +65,26 @@ class Layout:
                     layout.frozen_norms.append(m)
                 else:
                     layout.tracked.append(m)
-            elif raw_parameters == "directional":
-                layout.raw += [(m, n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
             if isinstance(m, _BATCHNORM):
                 layout.batchnorms.append(m)
         return layout
 
 
+def is_fast_path(m: nn.Module) -> bool:
+    """Whether ``m`` is a guess point of :data:`GUESS_POINT_TYPES` whose parameters are its own ``weight`` and
+    ``bias`` as its ``forward`` reads them: not parametrized (``torch.nn.utils.parametrize``), no hook-based
+    ``weight_norm``/``spectral_norm`` (``weight_g``/``weight_v``/``weight_orig``). Other modules are guessed op by op
+    (:mod:`guess_optim.ops`)."""
+    return isinstance(m, GUESS_POINT_TYPES) and not parametrize.is_parametrized(m) and all(
+        n in ("weight", "bias") for n, _ in m.named_parameters(recurse=False))
+
+
 def unsupported_parameters(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
-    """``(module name, module, [parameter names])`` of trainable parameters held by modules that are not of
-    :data:`GUESS_POINT_TYPES`."""
+    """``(module name, module, [parameter names])`` of trainable parameters outside the fast paths (guessed op by op,
+    or refused with ``raw_parameters="error"``)."""
     out = []
     for name, mod in model.named_modules():
         own = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
-        if own and not isinstance(mod, GUESS_POINT_TYPES):
+        if own and not is_fast_path(mod):
             out.append((name, mod, own))
     return out

@@ -6,16 +6,29 @@ derivatives ``[N]``, ``∂L/∂z`` repeated to ``N`` rows (``grad_rep``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .contexts import own_autograd
 from .graph import Edge
 from .local_grad import Internal, local_vjp
 
-__all__ = ["ActivationRecord", "ExactHeadRecord", "Record", "WeightRecord"]
+__all__ = ["ActivationRecord", "ExactHeadRecord", "InputRecord", "OpRecord", "Record", "Slot", "WeightRecord", "along"]
+
+
+def along(d: Tensor, rows: tuple[int, int], like: Tensor) -> Tensor:
+    """``d`` (``[N]``, one value per example) shaped to broadcast over ``like``, whose examples are along dim
+    ``rows[0]`` with ``rows[1]`` rows each folded into dim 0 (see :class:`~guess_optim.ops.Rows`)."""
+    dim, fold = rows
+    if fold > 1:
+        d = d.repeat_interleave(fold)
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return d.reshape(shape).to(like.dtype)
 
 
 @dataclass
@@ -37,12 +50,12 @@ class ActivationRecord(Record):
     """An activation-space guess ``u`` (``[N, *S]``): the estimate is the local VJP of ``d_b u_b``."""
 
     guess: Tensor | None = None
+    rows: tuple[int, int] = (0, 1)  # where the examples are in the output (guess_optim.ops.Rows)
 
     def estimate(self, d: Tensor, grad_rep: Tensor, k: int, internal: Internal) -> dict[str, Tensor]:
         u = self.guess
         scale = d / k if k > 1 else d  # averaging the K guesses, folded into d_b (no weight-sized division)
-        grad_out = u * scale.reshape(-1, *([1] * (u.dim() - 1))).to(u.dtype)
-        return local_vjp(self.module, self.params, self.inputs, grad_out, internal)
+        return local_vjp(self.module, self.params, self.inputs, u * along(scale, self.rows, u), internal)
 
 
 @dataclass
@@ -72,3 +85,64 @@ class ExactHeadRecord(Record):
         with own_autograd():
             (g_s,) = torch.autograd.grad(self.edge.chain(s), s, grad_rep)
         return local_vjp(self.module, self.params, self.inputs, g_s / k if k > 1 else g_s, internal)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """In an op's recorded arguments: the ``index``-th tensor the VJP differentiates."""
+
+    index: int
+
+
+@dataclass
+class OpRecord(Record):
+    """A guess point at a single op that read trainable parameters (or tensors computed from them alone) and the
+    batch: ``func(*args, **kwargs)`` with :class:`Slot` where those inputs go (``sources``). The estimate is the VJP
+    of ``d_b u_b`` (at each guessed output) through that one op, pulled back to the parameters by autograd through
+    the parameter-only ops that made each source (DESIGN §4b: weight norm, parametrizations, tied weights).
+
+    ``params`` maps a local key to each parameter the sources depend on.
+    """
+
+    func: Any = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    sources: list[Tensor] = field(default_factory=list)  # a parameter, or a tensor with a reverse graph to some
+    source_params: list[tuple[Tensor, ...]] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)  # which leaves of the op's output got a guess
+    guesses: list[Tensor] = field(default_factory=list)
+    rows: list[tuple[int, int]] = field(default_factory=list)
+
+    def estimate(self, d: Tensor, grad_rep: Tensor, k: int, internal: Internal) -> dict[str, Tensor]:
+        scale = d / k if k > 1 else d
+        leaves = [s.detach().requires_grad_(True) for s in self.sources]
+        args, kwargs = tree_map(lambda a: leaves[a.index] if isinstance(a, Slot) else a, (self.args, self.kwargs))
+        keys = {id(p): key for key, p in self.params.items()}
+        out: dict[str, Tensor] = {}
+        with internal(), own_autograd():
+            flat = tree_flatten(self.func(*args, **kwargs))[0]
+            grads = torch.autograd.grad([flat[i] for i in self.outputs], leaves,
+                                        [u * along(scale, r, u) for u, r in zip(self.guesses, self.rows, strict=True)],
+                                        allow_unused=True)
+            for source, params, g in zip(self.sources, self.source_params, grads, strict=True):
+                if g is None:
+                    continue
+                pulled = [g] if len(params) == 1 and params[0] is source else torch.autograd.grad(
+                    source, params, g, retain_graph=True, allow_unused=True)
+                for p, gp in zip(params, pulled, strict=True):
+                    if gp is not None:
+                        key = keys[id(p)]
+                        out[key] = gp if key not in out else out[key] + gp
+        return out
+
+
+@dataclass
+class InputRecord(Record):
+    """A model input that requires grad (``x.requires_grad_()``: adversarial training, gradient penalties), guessed
+    like an activation: its estimate is ``d_b u_b``, averaged over the ``k`` guess blocks (``[B, *S]``)."""
+
+    guess: Tensor | None = None
+
+    def estimate(self, d: Tensor, grad_rep: Tensor, k: int, internal: Internal) -> dict[str, Tensor]:
+        g = self.guess * along(d / k if k > 1 else d, (0, 1), self.guess)
+        return {"input": g.reshape(k, -1, *g.shape[1:]).sum(0) if k > 1 else g}

@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._rng import replayed_rng
 from .contexts import parameters_frozen
+from .ops import GuessingMode
 
 if TYPE_CHECKING:
     from .step import GuessingStep
@@ -44,9 +45,11 @@ def replay(step: GuessingStep) -> dict[int, Tensor]:
                 again.graph = handle.graphs.get(saved["args"], saved["kwargs"])
                 again.graph_uses = handle.graphs.uses(again.graph, handle.guess_points, handle.exact_head)
             handle._step = again
-            again.draw_raw_tangents()
-            model(*saved["args"], **saved["kwargs"])
+            with GuessingMode(again):
+                args, kwargs = again.guess_inputs(saved["args"], saved["kwargs"], saved["needing_grad"])
+                model(*args, **kwargs)
     finally:
+        again.closed = True
         handle._step = None
         with torch.no_grad():
             for b, value in zip(model.buffers(), buffers, strict=True):

@@ -4,16 +4,19 @@ How a step runs (paper §2 and A.4; README "How it works"):
 
 1. :meth:`GuessingStep.open` (from the model's forward pre-hook, in training mode with grad enabled) opens a
    :mod:`torch.autograd.forward_ad` dual level and makes the trainable parameters briefly not require grad: no
-   reverse graph is recorded, while grad mode stays on so that the model's own ``no_grad`` regions are seen (ops run
-   there get no tangent). With ``num_guesses=K`` every batch-shaped input is repeated ``K`` times along dim 0.
-2. :meth:`GuessingStep.guess_point` (each guess point's forward hook) asks the estimator for a guess, adds it to the
-   output's tangent and records what the estimate needs.
-3. :meth:`GuessingStep.boundary` (the forward hook of the root, or of ``head=``) reads the output tangent ``ż``,
-   closes everything the step opened (one :class:`~contextlib.ExitStack`, one exit path) and returns the output
-   through :class:`_GuessedGradient`, whose inputs are the output and the trainable parameters.
-4. ``loss.backward()`` reaches :meth:`_GuessedGradient.backward` with ``∂L/∂z``; :meth:`GuessingStep.estimate` forms the
-   per-example directional derivatives ``d_b = <∂L/∂z_b, ż_b>`` and returns the estimates as the parameters'
-   gradients, which autograd accumulates into ``p.grad`` (loss scaling, accumulation, DDP and clipping all work).
+   reverse graph is recorded, while grad mode stays on so that the model's own ``no_grad`` regions are seen. The
+   forward runs under :class:`~guess_optim.ops.GuessingMode`. With ``num_guesses=K`` every batch-shaped input is
+   repeated ``K`` times along dim 0.
+2. Guess points — the modules with fast paths (:meth:`GuessingStep.guess_point`, from their forward hooks) and every
+   other op where a trainable parameter meets the batch (:mod:`guess_optim.ops`) — ask the estimator for a guess,
+   add it to the output's tangent and record what the estimate needs.
+3. Every output of the guessing region that carries a tangent (the head's, and what the model returns) leaves
+   through :mod:`guess_optim.boundary`; the step then closes everything it opened (one
+   :class:`~contextlib.ExitStack`, one exit path).
+4. ``loss.backward()`` hands ``∂L/∂z`` of each output to the step; :meth:`GuessingStep.estimate` forms the
+   per-example directional derivatives ``d_b = Σ_i <∂L/∂z_{i,b}, ż_{i,b}>`` and returns the estimates as the
+   parameters' gradients, which autograd accumulates into ``p.grad`` (loss scaling, accumulation, DDP and clipping
+   all work).
 
 With ``store="recompute"`` the records keep nothing of the batch; during ``backward()`` a second step in *replay*
 mode runs the forward again (same generator and RNG states) and each guess point adds its estimate at once
@@ -29,12 +32,17 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .contexts import NoGradRegions, load_jvp_decompositions, parameters_frozen, primal
+from .boundary import Estimate, collect
+from .contexts import load_jvp_decompositions, parameters_frozen, primal
+from .errors import GuessingNotSupportedError
 from .graph import Graph, GraphError
+from .guesses import directional_guess, isotropic_guess
 from .local_grad import product_tangent, weight_space_jvp
-from .records import ActivationRecord, ExactHeadRecord, Record, WeightRecord
+from .ops import GuessingMode, Rows, Tracker, from_rows, to_rows
+from .prompts import PromptTokens
+from .records import ActivationRecord, ExactHeadRecord, InputRecord, Record, WeightRecord
 from .site import Site
 
 if TYPE_CHECKING:
@@ -49,31 +57,39 @@ class GuessingStep:
     """The state of one guessing forward and its backward; it owns everything it opens.
 
     Attributes:
-        batch: ``B``, the rows of the user's batch (the forward runs on ``N = K·B`` rows).
+        batch: ``B``, the rows of the user's batch; ``rows``: ``N = K·B``, the rows the forward runs on.
         graph: the discovered graph (estimators that need it, or ``exact_head``), else ``None``.
         replaying: the second forward of ``store="recompute"``, driven by ``backward()``: nothing is injected and
             each guess point adds its estimate to :attr:`grads` at once.
         closed: the forward-AD level and every context of the step have been left.
     """
 
-    def __init__(self, handle: GuessHandle, *, batch: int, graph: Graph | None, trainable: frozenset[int],
+    def __init__(self, handle: GuessHandle, *, batch: int, graph: Graph | None, trainable: dict[int, Tensor],
                  replaying: bool = False):
         self.handle = handle
         self.estimator = handle.estimator
         self.k = handle.num_guesses
-        self.batch = batch
+        self.batch, self.rows = batch, batch * handle.num_guesses
         self.graph = graph
         self.graph_uses = handle.graphs.uses(graph, handle.guess_points, handle.exact_head)
         self.trainable = trainable
+        self.weight_space_ops = self.estimator.space == "weight" or handle.raw_parameters == "directional"
         self.replaying = replaying
         self.closed = False
+        self.head_called = False
+        self.tracker = Tracker(self.rows)
+        self.fast_active: dict[int, int] = {}  # parameters of fast-path modules being called
+        self.fast_calls: list[bool] = []  # per fast-path module call in progress: is it a guess point?
         self.records: list[Record] = []
-        self.params: dict[int, Tensor] = {}  # the parameters the step estimates, in the order first met
+        self.params: dict[int, Tensor] = {}  # what the step may estimate: trainable parameters, inputs needing grad
+        self.inputs: list[tuple[Tensor, InputRecord]] = []
         self.input_tangents: list[tuple[nn.Module, Tensor]] = []
         self.saved: dict[str, Any] | None = None  # store="recompute": input batch, RNG and generator states
-        self.tangent: Tensor | None = None
+        self.anchor: Tensor | None = None
+        self.tangents: list[Tensor] = []  # the tangents of the collected outputs
+        self.grad_z: dict[int, Tensor] = {}  # ∂L/∂z of the collected outputs, set in backward
         self.d: Tensor | None = None  # [N] directional derivatives, set in backward
-        self.grad_rep: Tensor | None = None  # ∂L/∂z repeated to N rows
+        self.grad_rep: Tensor | None = None  # ∂L/∂z of the first collected output, repeated to N rows
         self.grads: dict[int, Tensor] = {}
         self._stack = contextlib.ExitStack()
 
@@ -81,13 +97,13 @@ class GuessingStep:
     @classmethod
     def open(cls, handle: GuessHandle, args: tuple, kwargs: dict) -> tuple[GuessingStep, tuple, dict]:
         """Start a guessing forward on the model's inputs; returns the step and the inputs to run (repeated ``K``
-        times along dim 0 when ``num_guesses=K``).
+        times along dim 0 when ``num_guesses=K``; inputs that require grad become guess points).
 
         Raises:
             RuntimeError: a BatchNorm in training mode, or a forward-AD level already open.
             ValueError: no batch-shaped input, or inputs and parameters on different device types.
         """
-        batch, args, kwargs = _batch_inputs(handle, args, kwargs)
+        batch, args, kwargs, needing_grad = _batch_inputs(handle, args, kwargs)
         if fwAD._current_level >= 0:
             raise RuntimeError(
                 "guess_optim opens its own forward-AD dual level; the model was called inside another "
@@ -95,74 +111,150 @@ class GuessingStep:
             )
         needs_graph = handle.estimator.needs is not None or handle.exact_head
         graph = handle.graphs.get(args, kwargs) if needs_graph else None
-        trainable = [p for p in handle.model.parameters() if p.requires_grad]
-        step = cls(handle, batch=batch, graph=graph, trainable=frozenset(map(id, trainable)))
+        trainable = {id(p): p for p in handle.model.parameters() if p.requires_grad}
+        step = cls(handle, batch=batch, graph=graph, trainable=trainable)
         if handle.store == "recompute":
             step.saved = handle.save_for_replay(args, kwargs)
+            step.saved["needing_grad"] = needing_grad
         load_jvp_decompositions()
         stack = step._stack
         try:
+            step.anchor = Estimate.apply(step, *trainable.values(), *needing_grad.values())
+            step.params = {id(t): t for t in (*trainable.values(), *needing_grad.values())}
             stack.callback(fwAD.exit_dual_level, level=fwAD.enter_dual_level())
             stack.callback(torch.set_grad_enabled, torch.is_grad_enabled())
+            stack.callback(step.tracker.clear)
             # No reverse graph, yet grad mode stays on so that the model's own no_grad regions are seen; fused
             # attention kernels have no forward-AD formula.
-            stack.enter_context(parameters_frozen(handle.model, trainable))
-            stack.enter_context(NoGradRegions())
+            stack.enter_context(parameters_frozen(handle.model, list(trainable.values())))
+            stack.enter_context(GuessingMode(step))
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-            step.draw_raw_tangents()
+            args, kwargs = step.guess_inputs(args, kwargs, needing_grad)
         except BaseException:
             step.close()
             raise
         return step, args, kwargs
 
     def close(self) -> None:
-        """Leave everything the step entered (raw parameters put back, contexts, grad mode, the dual level), once."""
+        """Leave everything the step entered (contexts, grad mode, the dual level), once."""
         if not self.closed:
             self.closed = True
             self._stack.close()
 
     # ----------------------------------------------------------------------------------------------- the forward
-    def draw_raw_tangents(self) -> None:
-        """Weight-space guesses for trainable parameters outside guess-point modules (``raw_parameters=
-        "directional"``): each is swapped for a dual tensor for the duration of the forward."""
-        handle = self.handle
-        for module, name, p in handle.layout.raw:
-            v = handle.directional_guess(p)
-            record = WeightRecord(module, {name: p}, (), tangents=[{name: v}] * self.k)
-            self.params.setdefault(id(p), p)
-            if self.replaying:
-                self.accumulate(record)
+    def guess_inputs(self, args: tuple, kwargs: dict, needing_grad: dict[int, Tensor]) -> tuple[tuple, dict]:
+        """Mark the batch-shaped inputs; an input that requires grad (``needing_grad``: leaf position → the user's
+        tensor) becomes a guess point: its estimate goes to ``x.grad``, and no reverse graph is recorded through the
+        network."""
+        leaves, spec = tree_flatten((args, kwargs))
+        for i, t in enumerate(leaves):
+            if not isinstance(t, Tensor):
                 continue
+            source = needing_grad.get(i)
+            if source is None:
+                if t.dim() > 0 and t.shape[0] == self.rows:
+                    self.tracker.mark(t, Rows(), False)
+                continue
+            u = isotropic_guess(t, self.handle.generator(t.device))
+            self.add_record(InputRecord(None, {"input": source}, (), guess=u))
+            if not self.replaying:
+                leaves[i] = self.tracker.mark(fwAD.make_dual(t, u.to(t.dtype)), Rows(), True)
+        return tree_unflatten(leaves, spec)
+
+    def add_record(self, record: Record, guessed: bool = True) -> None:
+        """Keep a record for the backward (``store="activations"``), or, replaying, add its estimate now."""
+        for p in record.params.values():
+            self.params.setdefault(id(p), p)
+        if self.replaying:
+            self.accumulate(record)
+        elif self.handle.store == "activations" and guessed:
             self.records.append(record)
-            module._parameters[name] = fwAD.make_dual(p.detach(), v)
-            self._stack.callback(module._parameters.__setitem__, name, p)
+
+    def weight_guess(self, param: Tensor) -> Tensor:
+        """A weight-space guess for one use of a parameter outside the fast paths."""
+        gen = self.handle.generator(param.device)
+        if self.estimator.space == "weight":
+            return self.estimator.weight_guess(param, gen)
+        return directional_guess(param, gen)  # raw_parameters="directional"
+
+    def draw_guess(self, output: Tensor, rows: Rows, name: str, module: nn.Module | None = None,
+                   edges: list | None = None) -> Tensor:
+        """The estimator's guess at a guess point's output, drawn on its ``[N, *S]`` view (one row per example)."""
+        handle = self.handle
+        value = to_rows(fwAD.unpack_dual(output)[0].detach(), rows, self.rows)
+        site = Site(value, handle.generator(value.device), self.k, module, name, edges or [], self.graph,
+                    handle.internal, streamed=handle.store == "recompute")
+        return from_rows(self.estimator.guess(site), rows, output.shape)
+
+    def op_name(self, func: Any, params: list[Tensor]) -> str:
+        names = self.handle.param_names
+        used = []
+        for t in params:
+            for p in (t,) if id(t) in self.trainable else (self.tracker.derived(t) or ()):
+                used.append(names.get(id(p), "?"))
+        return f"{getattr(func, '__name__', func)!s}({', '.join(dict.fromkeys(used))})"
+
+    def enter_module(self, module: nn.Module, args: tuple) -> None:
+        """Pre-hook of a fast-path module: a guess point if it reads the batch (``PromptTokens`` always); else its
+        parameters are read by parameter-only ops (position embeddings of ``(1, L)`` ids, a prompt embedded once)."""
+        tracker = self.tracker
+        guess = isinstance(module, PromptTokens) or any(
+            tracker.batch(a) is not None or fwAD.unpack_dual(a).tangent is not None
+            for a in args if isinstance(a, Tensor))
+        self.fast_calls.append(guess)
+        if guess:
+            for p in module.parameters(recurse=False):
+                self.fast_active[id(p)] = self.fast_active.get(id(p), 0) + 1
+
+    def leave_module(self, module: nn.Module) -> bool:
+        guess = self.fast_calls.pop() if self.fast_calls else False
+        if guess:
+            for p in module.parameters(recurse=False):
+                n = self.fast_active.pop(id(p), 1) - 1
+                if n > 0:
+                    self.fast_active[id(p)] = n
+        return guess
 
     def guess_point(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
-        """A guess point's forward hook: draw the guess, record what the estimate needs, inject the tangent."""
+        """A fast-path module's forward hook: draw the guess, record what the estimate needs, inject the tangent."""
         if not isinstance(output, Tensor):
             raise TypeError(f"guess point {self.handle.names[module]!r} returned {type(output).__name__}, not a Tensor")
         out, tangent = fwAD.unpack_dual(output)
         out = out.detach() if tangent is not None else out  # see contexts.primal
+        rows = self._rows(module, args, out)
         params = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in self.trainable}
         graph = self.graph
-        record, contribution = self._record(module, params, tuple(primal(a) for a in args), out)
+        record, contribution = self._record(module, params, tuple(primal(a) for a in args), out, rows)
         self._release_graph(module)
-        self.handle.captured(module, record, graph)
-        for p in params.values():
-            self.params.setdefault(id(p), p)
-        if self.replaying:
-            self.accumulate(record)
-            return None
-        if self.handle.store == "activations":  # with recompute, keep nothing of the batch
-            self.records.append(record)
-        if contribution is None:
-            return None
+        self.handle.captured(self.handle.names[module], record, graph, module)
+        self.add_record(record)
+        if self.replaying or contribution is None:
+            return None if self.replaying else self.tracker.mark(output, rows, True)
         if 0 in out.stride():  # a broadcast view (PromptTokens): a dual tensor needs its own memory
             out = out.contiguous()
         new_tangent = contribution if tangent is None else tangent + contribution
-        return fwAD.make_dual(out, new_tangent.to(out.dtype))
+        return self.tracker.mark(fwAD.make_dual(out, new_tangent.to(out.dtype)), rows, True)
 
-    def _record(self, module: nn.Module, params: dict, inputs: tuple, out: Tensor) -> tuple[Record, Tensor | None]:
+    def _rows(self, module: nn.Module, args: tuple, out: Tensor) -> Rows:
+        """Where the examples are in a fast-path module's output, from its input's (dim 0 unless moved)."""
+        rows = Rows(0, 1) if out.dim() and out.shape[0] == self.rows else Rows(None, 1)
+        for a in args:
+            entry = self.tracker.batch(a) if isinstance(a, Tensor) else None
+            if entry is not None:
+                rows = self.tracker.out_rows(None, (), {}, entry[0], a.shape, out)
+                break
+        if rows.dim is None or out.shape[rows.dim] != self.rows * rows.fold or (rows != (0, 1) and (
+                self.estimator.space == "weight" and rows.dim != 0 or self.handle.exact_head)):
+            raise GuessingNotSupportedError(
+                f"guess point {self.handle.names[module]!r} returned shape {tuple(out.shape)} without the batch "
+                f"({self.rows} rows) on dim 0: guessed gradients need each example's values apart. A sequence-first "
+                "tensor is the usual cause (nn.MultiheadAttention(batch_first=False), an RNN without batch_first): "
+                "keep dim 0 the batch (batch_first=True)."
+            )
+        return rows
+
+    def _record(self, module: nn.Module, params: dict, inputs: tuple, out: Tensor,
+                rows: Rows) -> tuple[Record, Tensor | None]:
         handle, graph = self.handle, self.graph
         edges = graph.next_edges(module) if graph is not None else []
         if handle.exact_head and graph is not None and not edges:
@@ -174,15 +266,18 @@ class GuessingStep:
                 )
             return ExactHeadRecord(module, params, inputs, edge=boundary_edges[0], output=out), None
         if self.estimator.space == "weight":
-            tangents = [{n: self.estimator.weight_guess(p, handle.generator(p.device)) for n, p in params.items()}
-                        for _ in range(self.k)]
+            tangents = [{n: self._module_weight_guess(module, n, p) for n, p in params.items()} for _ in range(self.k)]
             record = WeightRecord(module, params, inputs, tangents=tangents)
             jvp = None if self.replaying else weight_space_jvp(module, inputs, tangents, out.shape[0], handle.internal)
             return record, jvp
-        site = Site(out, handle.generator(out.device), self.k, module, handle.names[module], edges, graph,
-                    handle.internal, streamed=handle.store == "recompute")
-        guess = self.estimator.guess(site)
-        return ActivationRecord(module, params, inputs, guess=guess), guess
+        guess = self.draw_guess(out, rows, handle.names[module], module, edges)
+        return ActivationRecord(module, params, inputs, guess=guess, rows=tuple(rows)), guess
+
+    def _module_weight_guess(self, module: nn.Module, name: str, p: Tensor) -> Tensor:
+        v = self.estimator.weight_guess(p, self.handle.generator(p.device))
+        if isinstance(module, nn.Embedding) and name == "weight" and module.padding_idx is not None:
+            v[module.padding_idx] = 0  # backprop's gradient of the padding row is zero: so is its guess
+        return v
 
     def _release_graph(self, module: nn.Module) -> None:
         """A volatile graph holds this batch's activations: drop it after its last reader."""
@@ -199,14 +294,16 @@ class GuessingStep:
         x, tangent = fwAD.unpack_dual(args[0])
         if tangent is None:
             return None
-        self.input_tangents.append((module, tangent))
+        entry = self.tracker.batch(args[0])
+        self.input_tangents.append((module, tangent, entry[0] if entry else Rows(), args[0].shape))
         return (x.detach(), *args[1:])  # detached: see contexts.primal
 
     def add_output_tangent(self, module: nn.Module, output: Tensor) -> Tensor | None:
         if not self.input_tangents or self.input_tangents[-1][0] is not module:
             return None
-        _, tangent = self.input_tangents.pop()
-        return fwAD.make_dual(output, product_tangent(module, tangent).to(output.dtype))
+        _, tangent, rows, shape = self.input_tangents.pop()
+        out = fwAD.make_dual(output, product_tangent(module, tangent).to(output.dtype))
+        return self.tracker.mark(out, self.tracker.out_rows(None, (), {}, rows, shape, output), True)
 
     def match_tangent_dtype(self, output: Any) -> Tensor | None:
         """Under CPU autocast, LayerNorm returns a bfloat16 value with a float32 tangent, which the next Linear
@@ -216,34 +313,12 @@ class GuessingStep:
         out, tangent = fwAD.unpack_dual(output)
         if tangent is None or tangent.dtype == out.dtype:
             return None
-        return fwAD.make_dual(out, tangent.to(out.dtype))
+        entry = self.tracker.batch(output)
+        return self.tracker.mark(fwAD.make_dual(out, tangent.to(out.dtype)), entry[0] if entry else Rows(), True)
 
-    def boundary(self, module: nn.Module, output: Any) -> Tensor | None:
-        """The end of the guessing region: close the step, return the output through :class:`_GuessedGradient`."""
-        if self.replaying:
-            return None
-        name = self.handle.names.get(module) or "<root>"
-        if not isinstance(output, Tensor):
-            self.close()
-            raise TypeError(
-                f"the guessing region ends at {name!r}, whose output is a {type(output).__name__}, not a Tensor; "
-                "pass head=<the module that produces the logits> to attach()"
-            )
-        out, tangent = fwAD.unpack_dual(output)
-        tangent = torch.zeros_like(out) if tangent is None else tangent
-        if self.k > 1:
-            if out.dim() == 0 or out.shape[0] != self.k * self.batch:
-                self.close()
-                raise ValueError(
-                    f"num_guesses={self.k} needs the output's dim 0 to be the batch ({self.k} x {self.batch}), "
-                    f"got shape {tuple(out.shape)}"
-                )
-            out = out[: self.batch]
-        out, self.tangent = out.detach(), tangent.detach()
-        self.close()
-        if self.handle.store == "recompute" and self.graph is not None and self.graph.volatile:
-            self.graph = None  # it holds this batch's activations; the second forward rediscovers
-        return _GuessedGradient.apply(self, out, *self.params.values())
+    def collect(self, output: Any, where: str, primary: bool) -> Any:
+        """Outputs of the guessing region that carry a tangent leave through the boundary (:mod:`.boundary`)."""
+        return output if self.replaying else collect(self, output, where, primary)
 
     # ----------------------------------------------------------------------------------------------- the backward
     def accumulate(self, record: Record) -> None:
@@ -252,14 +327,20 @@ class GuessingStep:
             key = id(record.params[name])
             self.grads[key] = g if key not in self.grads else self.grads[key] + g
 
-    def estimate(self, grad_z: Tensor) -> list[Tensor | None]:
-        """The estimate of every parameter the step met, from ``∂L/∂z`` (``[B, *S_z]``); ``None`` where none."""
-        k = self.k
-        grad_rep = grad_z.repeat(k, *([1] * (grad_z.dim() - 1))) if k > 1 else grad_z
-        tangent = self.tangent
-        prod = grad_rep * tangent
-        self.d = prod.reshape(tangent.shape[0], -1).sum(1) if tangent.dim() > 0 else prod.reshape(1)
-        self.grad_rep = grad_rep
+    def estimate(self) -> list[Tensor | None]:
+        """The estimate of every parameter (and input needing grad) of the step, from the collected ``∂L/∂z``;
+        ``None`` where there is none. Called by :class:`~guess_optim.boundary.Estimate` in ``backward()``."""
+        k, d = self.k, None
+        for index, tangent in enumerate(self.tangents):
+            g = self.grad_z.get(index)
+            if g is None:
+                g = tangent.new_zeros((self.batch, *tangent.shape[1:]))
+            rep = g.repeat(k, *([1] * (g.dim() - 1))) if k > 1 else g
+            part = (rep * tangent).reshape(tangent.shape[0], -1).sum(1)
+            d = part if d is None else d + part
+            if index == 0:
+                self.grad_rep = rep
+        self.d = d if d is not None else next(iter(self.params.values())).new_zeros(self.rows)
         if self.handle.store == "recompute":
             from .replay import replay
 
@@ -269,33 +350,17 @@ class GuessingStep:
                 self.accumulate(r)
         params = list(self.params.values())
         out = [self.grads.get(id(p)) for p in params]
-        self.records, self.grads, self.saved = [], {}, None
+        self.records, self.grads, self.saved, self.grad_z = [], {}, None, {}
         return self.handle.nonfinite.apply(self.d, out, params)
 
 
-class _GuessedGradient(torch.autograd.Function):
-    """Identity on the boundary output ``z``; its backward returns the parameters' estimates."""
+def _batch_inputs(handle: GuessHandle, args: tuple, kwargs: dict) -> tuple[int, tuple, dict, dict[int, Tensor]]:
+    """Check the model's inputs and repeat the batch-shaped ones ``K`` times along dim 0 (``num_guesses=K``).
 
-    @staticmethod
-    def forward(ctx, step, z, *params):  # noqa: D401
-        ctx.step = step
-        return z.view_as(z)
-
-    @staticmethod
-    def backward(ctx, grad_z):
-        step = ctx.step
-        if step is None:
-            raise RuntimeError(
-                "guess_optim: a second backward through the same guessing forward (retain_graph=True) is not "
-                "supported: its guesses were freed by the first backward. Sum the losses and call backward() "
-                "once, or run the forward again."
-            )
-        ctx.step = None  # free the batch's tensors as soon as the estimate is made
-        return (None, None, *step.estimate(grad_z))
-
-
-def _batch_inputs(handle: GuessHandle, args: tuple, kwargs: dict) -> tuple[int, tuple, dict]:
-    """Check the model's inputs and repeat the batch-shaped ones ``K`` times along dim 0 (``num_guesses=K``)."""
+    Returns:
+        ``(B, args, kwargs, needing_grad)``; ``needing_grad`` maps the position of each input that requires grad (in
+        the flattened ``(args, kwargs)``) to the user's tensor (it is detached here and guessed as a guess point).
+    """
     for bn in handle.layout.batchnorms:
         if bn.training:
             raise RuntimeError(
@@ -303,21 +368,37 @@ def _batch_inputs(handle: GuessHandle, args: tuple, kwargs: dict) -> tuple[int, 
                 "batch, which breaks the per-example directional derivatives of guessed gradients (frozen or "
                 "not). Put it in eval mode (bn.eval()) or use GroupNorm/LayerNorm instead."
             )
-    leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.dim() > 0]
-    if not leaves:
+    leaves, spec = tree_flatten((args, kwargs))
+    shaped = [t for t in leaves if isinstance(t, Tensor) and t.dim() > 0]
+    if not shaped:
         raise ValueError("guessed gradients need at least one batch-shaped tensor input to the model")
-    devices = {t.device for t in leaves} | {p.device for p in handle.model.parameters()}
+    devices = {t.device for t in shaped} | {p.device for p in handle.model.parameters()}
     if len({d.type for d in devices}) > 1:
         raise ValueError(
             f"the model's parameters and inputs are on different devices ({sorted(map(str, devices))}); "
             "move the inputs to the model's device"
         )
-    batch, k = leaves[0].shape[0], handle.num_guesses
-    if k > 1:
-        def rep(t):
-            return t.repeat(k, *([1] * (t.dim() - 1))) if (
-                isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch) else t
-
-        args = tree_map(rep, args)
-        kwargs = {key: (v if key in _NO_REPEAT_KWARGS else tree_map(rep, v)) for key, v in kwargs.items()}
-    return batch, args, kwargs
+    batch, k = shaped[0].shape[0], handle.num_guesses
+    keys = [None] * len(leaves)  # the kwarg each leaf belongs to (labels are not repeated)
+    offset = len(tree_flatten(args)[0])
+    for key, v in kwargs.items():
+        n = len(tree_flatten(v)[0])
+        keys[offset:offset + n] = [key] * n
+        offset += n
+    needing_grad: dict[int, Tensor] = {}
+    for i, t in enumerate(leaves):
+        if not isinstance(t, Tensor):
+            continue
+        if t.requires_grad and t.is_floating_point():
+            if t.dim() == 0 or t.shape[0] != batch:
+                raise GuessingNotSupportedError(
+                    f"an input of shape {tuple(t.shape)} requires grad but its dim 0 is not the batch ({batch}): "
+                    "only batch-shaped inputs can be guess points; detach it or make it a parameter of the model"
+                )
+            needing_grad[i] = t
+            t = t.detach()
+        if k > 1 and t.dim() > 0 and t.shape[0] == batch and keys[i] not in _NO_REPEAT_KWARGS:
+            t = t.repeat(k, *([1] * (t.dim() - 1)))
+        leaves[i] = t
+    args, kwargs = tree_unflatten(leaves, spec)
+    return batch, args, kwargs, needing_grad

@@ -10,6 +10,7 @@ import weakref
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import nn
 
 from guess_optim import GuessingNotSupportedError, NonFiniteEstimateWarning, attach, handle_of
@@ -82,9 +83,11 @@ BAD_ATTACH = [
      r"apply to guessed methods"),
     ("not a module", lambda: attach(lambda x: x, "wt"), TypeError, r"expects an nn.Module"),
     ("no trainable parameters", lambda: attach(frozen(), "wt"), ValueError, r"no trainable parameters"),
-    ("unsupported layer", lambda: attach(nn.Sequential(nn.LSTM(4, 4)), "wt"), ValueError,
-     r"LSTM.*trainable parameters.*Freeze it"),
-    ("raw parameter", lambda: attach(WithRawParameter(), "wt"), ValueError, r"raw_parameters='directional'"),
+    ("refused layer", lambda: attach(nn.Sequential(nn.LSTM(4, 4)), "wt", raw_parameters="error"), ValueError,
+     r"LSTM.*trainable parameters.*freeze them"),
+    ("refused raw parameter", lambda: attach(WithRawParameter(), "wt", raw_parameters="error"), ValueError,
+     r"raw_parameters='guess'"),
+    ("bad raw_parameters", lambda: attach(mlp(), "wt", raw_parameters="no"), ValueError, r"raw_parameters"),
     ("compiled model", lambda: attach(torch.compile(mlp()), "wt"), ValueError, r"torch.compile"),
     ("head not a submodule", lambda: attach(mlp(), "wt", head=nn.Linear(2, 2)), ValueError, r"head"),
 ]
@@ -107,15 +110,37 @@ def test_attach_twice_and_remove_twice():
     attach(model, "activation").remove()
 
 
-def test_output_not_a_tensor_without_head():
-    model = DictOutput()
+class LossInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, y):
+        logits = self.fc(x)
+        return {"loss": F.cross_entropy(logits, y), "logits": logits}
+
+
+def test_loss_inside_forward_without_head_is_a_clear_error():
+    """A loss computed inside forward from guessed activations mixes the examples: refused, naming the fix."""
+    model = LossInside()
+    x, y = torch.randn(2, 4), torch.tensor([0, 2])
     with attach(model, "wt"):
-        with pytest.raises(TypeError, match=r"pass head="):
-            model(torch.randn(2, 4))
-        # the model stays usable: the dual level and no_grad were closed
+        with pytest.raises(GuessingNotSupportedError, match=r"output of the model\['loss'\].*pass head="):
+            model(x, y)
+        # the model stays usable: the dual level and the contexts were closed
         assert torch.is_grad_enabled() and fwAD._current_level == -1
-    out = model(torch.randn(2, 4))["logits"]
-    assert out.requires_grad
+    with attach(model, "wt", head=model.fc):  # the fix
+        model(x, y)["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_dict_output_without_head_works():
+    model = DictOutput()
+    with attach(model, "activation", seed=0):
+        out = model(torch.randn(2, 4))["logits"]
+        assert "GuessedGradient" in type(out.grad_fn).__name__
+        out.sum().backward()
+    assert model.fc.weight.grad is not None
 
 
 def test_dict_output_with_head_works():

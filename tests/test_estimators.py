@@ -310,13 +310,16 @@ def test_evaluation_runs_the_plain_model():
 
 
 def test_no_reverse_graph_through_the_network():
-    """The guessing forward records no autograd graph through the layers: only the loss and one node."""
+    """The guessing forward records no autograd graph through the layers: the output hangs from one node (the boundary)
+    whose only input is the estimate node, whose inputs are the parameters."""
     model, x, y = make("relu")
     with attach(model, "wt", seed=0):
         out = model(x)
     fn = out.grad_fn
     assert "GuessedGradient" in type(fn).__name__
-    inputs = [n for n, _ in fn.next_functions if n is not None]
+    (anchor,) = [n for n, _ in fn.next_functions if n is not None]
+    assert "Estimate" in type(anchor).__name__
+    inputs = [n for n, _ in anchor.next_functions if n is not None]
     assert all(type(n).__name__ == "AccumulateGrad" for n in inputs)
     assert len(inputs) == sum(1 for _ in model.parameters())
 

@@ -1,0 +1,101 @@
+"""The boundary of the guessing region: every output that carries a tangent leaves through it.
+
+Each such output ``z_i`` (the head's logits, and whatever else the model returns that depends on the guesses: hidden
+states, auxiliary outputs) passes through :class:`GuessedGradient`, which is the identity in the forward and keeps
+``∂L/∂z_i`` in the backward. All of them hang from one *anchor*, the output of :class:`Estimate`, whose inputs are
+the trainable parameters (and the model inputs that require grad): autograd runs ``Estimate.backward`` only after
+every ``GuessedGradient.backward``, so it sees all the ``∂L/∂z_i`` and forms ``d_b = Σ_i <∂L/∂z_{i,b}, ż_{i,b}>``,
+then returns the estimates as the parameters' gradients.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
+
+from .errors import GuessingNotSupportedError
+
+if TYPE_CHECKING:
+    from .step import GuessingStep
+
+__all__ = ["GuessedGradient", "Estimate", "collect"]
+
+
+class Estimate(torch.autograd.Function):
+    """The anchor: a scalar zero whose backward returns every estimate of the step."""
+
+    @staticmethod
+    def forward(ctx, step, *tensors):  # noqa: D401
+        ctx.step = step
+        return tensors[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        step = ctx.step
+        if step is None:
+            raise RuntimeError(
+                "guess_optim: a second backward through the same guessing forward (retain_graph=True) is not "
+                "supported: its guesses were freed by the first backward. Sum the losses and call backward() "
+                "once, or run the forward again."
+            )
+        ctx.step = None  # free the batch's tensors as soon as the estimate is made
+        return (None, *step.estimate())
+
+
+class GuessedGradient(torch.autograd.Function):
+    """Identity on one output of the guessing region; its backward keeps ``∂L/∂z`` for the step."""
+
+    @staticmethod
+    def forward(ctx, step, index, z, anchor):  # noqa: D401
+        ctx.step, ctx.index = step, index
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        if ctx.step is not None:
+            ctx.step.grad_z[ctx.index] = grad_z
+        return None, None, None, grad_z.new_zeros(())
+
+
+def collect(step: GuessingStep, output: Any, where: str, primary: bool) -> Any:
+    """``output`` with each tensor that carries a tangent replaced by its value through :class:`GuessedGradient` (and,
+    with ``num_guesses=K``, every batch-shaped tensor cut back to the user's ``B`` rows). With ``primary`` (the head's
+    output, or the model's when it is its own head), its first batch-shaped floating tensor goes through it even
+    without a tangent: ``∂L/∂z`` of the logits is what ``exact_head`` differentiates.
+
+    Raises:
+        GuessingNotSupportedError: a tensor that depends on the guesses but has no batch dim 0 (a loss computed inside
+            ``forward`` from the guessed activations: the per-example directional derivatives cannot be formed).
+    """
+    leaves, spec = tree_flatten_with_path(output)
+    values = [leaf for _, leaf in leaves]
+    rows, batch = step.rows, step.batch
+    for i, (path, leaf) in enumerate(leaves):
+        if not isinstance(leaf, Tensor):
+            continue
+        value, tangent = fwAD.unpack_dual(leaf)
+        if tangent is None and primary and not step.tangents and leaf.is_floating_point() and leaf.dim() > 0 and (
+                leaf.shape[0] == rows):
+            tangent = torch.zeros_like(value)
+        if tangent is None:
+            if step.k > 1 and leaf.dim() > 0 and leaf.shape[0] == rows:
+                values[i] = leaf[:batch]
+            continue
+        entry = step.tracker.batch(leaf)
+        if leaf.dim() == 0 or (entry is not None and tuple(entry[0]) != (0, 1)) or leaf.shape[0] != rows:
+            name = f"{where}{keystr(path)}"
+            raise GuessingNotSupportedError(
+                f"the output {name} (shape {tuple(leaf.shape)}) depends on the guesses but its dim 0 is not the batch "
+                f"({rows} rows): each example's directional derivative needs per-example outputs. A loss computed "
+                "inside forward is the usual cause: pass head=<the module that produces the logits> to attach() (the "
+                "loss after it is then computed as usual), or compute the loss outside forward."
+            )
+        index = len(step.tangents)
+        step.tangents.append(tangent.detach())
+        value = value.detach()
+        values[i] = GuessedGradient.apply(step, index, value[:batch] if step.k > 1 else value, step.anchor)
+    return tree_unflatten(values, spec)

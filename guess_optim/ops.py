@@ -1,0 +1,342 @@
+"""Guess points wherever a trainable parameter meets the batch, seen op by op during the guessing forward.
+
+The guessing forward runs under :class:`GuessingMode`, a ``TorchFunctionMode`` that sees every torch function the
+model calls. It keeps track of which tensors derive from the batch (the model's inputs and what is computed from
+them; with the position of their batch dim) and which derive from trainable parameters alone, and treats an op that
+consumes a trainable parameter outside the fast paths (the module hooks of :mod:`guess_optim.handle`) as follows:
+
+* **parameter-only** (no input derives from the batch: ``weight_norm``, a parametrization, a tied weight transposed,
+  position embeddings of ``(1, L)`` position ids, a prompt embedded once): the op runs with a reverse graph from the
+  parameters, so that an estimate formed later for its output is pulled back to them exactly by autograd;
+* **a guess point** (it meets the batch): the guess is added to its output's tangent, and the estimate of what it
+  consumed is the local VJP of that one op (paper A.4's "backward of one layer", for any op), pulled back through the
+  parameter-only ops in front of it;
+* in **weight space** (``directional``, or ``raw_parameters="directional"``): each trainable parameter the op consumes
+  is given a tangent ``V`` for the op (a weight perturbation), so forward-mode AD measures its effect wherever it goes.
+
+Ops run with grad disabled (the model's own ``no_grad`` regions) see only their inputs' values: constants, as in
+backprop. An op whose forward-AD formula drops a tangent (``scatter_reduce(reduce="prod")`` on PyTorch 2.x) is an
+error, not noise in every layer before it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .contexts import primal
+from .errors import GuessingNotSupportedError
+from .graph import out_of_place
+from .records import OpRecord, Slot, WeightRecord
+
+if TYPE_CHECKING:
+    from .step import GuessingStep
+
+__all__ = ["UNKNOWN", "GuessingMode", "Rows", "Tracker", "from_rows", "to_rows"]
+
+_METADATA = {Tensor.dim, Tensor.size, Tensor.numel, Tensor.__len__, Tensor.stride, Tensor.element_size,
+             Tensor.is_contiguous, Tensor.data_ptr, Tensor.is_floating_point, Tensor.is_complex, Tensor.nelement,
+             Tensor.ndimension, Tensor.get_device, Tensor.storage_offset, Tensor.untyped_storage}
+_ENGINE = {"_make_dual", "_unpack_dual"}
+_METADATA_GETTERS = {getattr(Tensor, n).__get__ for n in (
+    "shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "is_leaf", "grad_fn", "grad", "layout",
+    "is_sparse", "is_quantized", "is_meta", "data", "_version") if hasattr(Tensor, n)}
+_PERMUTES = {"transpose", "swapaxes", "swapdims", "transpose_", "swapaxes_", "swapdims_"}
+_TRANSPOSE_GETTERS = {Tensor.T.__get__, Tensor.mT.__get__}
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
+    out = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(x for x in a if isinstance(x, Tensor))
+    return out
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", repr(func))
+
+
+def _drops_tangent_on_purpose(func: Any) -> bool:
+    name = _name(func)
+    return "detach" in name or name.startswith("new_") or name.endswith("_like") or func in _METADATA_GETTERS
+
+
+class Rows(NamedTuple):
+    """Where the batch's ``N`` rows are in a tensor: along dim ``dim`` (``None``: unknown), and with ``fold`` rows per
+    example folded into dim 0 (``[B·L, D]`` from ``x.view(-1, D)`` of ``[B, L, D]``: ``fold = L``)."""
+
+    dim: int | None = 0
+    fold: int = 1
+
+
+UNKNOWN = Rows(None, 1)
+ROWS = Rows(0, 1)
+_RESHAPES = {"view", "reshape", "flatten", "view_as", "reshape_as", "contiguous", "unflatten", "_reshape_alias"}
+
+
+def to_rows(t: Tensor, rows: Rows, n: int) -> Tensor:
+    """``t`` seen as ``[N, *S]``, one row per example (a view where possible)."""
+    if rows.dim:
+        t = t.movedim(rows.dim, 0)
+    return t.reshape(n, rows.fold, *t.shape[1:]) if rows.fold > 1 else t
+
+
+def from_rows(u: Tensor, rows: Rows, shape: torch.Size) -> Tensor:
+    """The inverse of :func:`to_rows`: ``u`` (``[N, *S]``) back in the layout of a tensor of ``shape``."""
+    if rows.fold > 1:
+        u = u.reshape(shape)
+    return u.movedim(0, rows.dim) if rows.dim else u
+
+
+class Tracker:
+    """Which live tensors derive from the batch (with where their rows are, :class:`Rows`, and whether they carry a
+    tangent) and which from trainable parameters alone (with those parameters). Weak references: the forward's
+    tensors die as they would in a plain forward."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self._batch: dict[int, tuple[weakref.ref, Rows, bool]] = {}
+        self._derived: dict[int, tuple[weakref.ref, tuple[Tensor, ...]]] = {}
+
+    def batch(self, t: Tensor) -> tuple[Rows, bool] | None:
+        entry = self._batch.get(id(t))
+        return (entry[1], entry[2]) if entry is not None and entry[0]() is t else None
+
+    def mark(self, t: Any, rows: Rows = ROWS, hot: bool = True) -> Any:
+        if isinstance(t, Tensor):
+            self._batch[id(t)] = (weakref.ref(t), rows, hot)
+        return t
+
+    def derived(self, t: Tensor) -> tuple[Tensor, ...] | None:
+        entry = self._derived.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def mark_derived(self, t: Tensor, params: tuple[Tensor, ...]) -> None:
+        self._derived[id(t)] = (weakref.ref(t), params)
+
+    def clear(self) -> None:
+        self._batch.clear()
+        self._derived.clear()
+
+    def out_rows(self, func: Any, args: tuple, kwargs: dict, rows: Rows, shape: torch.Size, out: Tensor) -> Rows:
+        """Where the rows are in an op's output, from its batch input's (``rows``, in a tensor of ``shape``)."""
+        n, dim, fold = self.rows, rows.dim, rows.fold
+        if dim is None or out.dim() == 0:
+            return UNKNOWN
+        name = _name(func)
+        if name in _PERMUTES or func in _TRANSPOSE_GETTERS or name in ("t", "t_", "permute", "movedim", "moveaxis"):
+            return Rows(_permuted(name, func, args, kwargs, dim, len(shape)), 1) if fold == 1 else UNKNOWN
+        if fold > 1 or dim == 0:
+            if dim == 0 and out.shape[0] == n * fold:
+                return Rows(0, fold)
+            if out.shape[0] == n:
+                return Rows(0, 1)
+            if dim == 0 and name in _RESHAPES and out.shape[0] % (n * fold) == 0:
+                more, size = out.shape[0] // (n * fold), 1
+                for s in shape[1:]:  # leading dims merged into the rows: x.view(-1, D) of [B, L, D]
+                    size *= s
+                    if size >= more:
+                        break
+                return Rows(0, fold * more) if size == more else UNKNOWN
+            return UNKNOWN
+        if out.dim() == len(shape) and out.shape[dim] == n:
+            return Rows(dim, 1)
+        return Rows(0, 1) if out.shape[0] == n else UNKNOWN
+
+
+def _dims(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list[Any]:
+    return [args[1 + i] if len(args) > 1 + i else kwargs.get(n) for i, n in enumerate(names)]
+
+
+def _permuted(name: str, func: Any, args: tuple, kwargs: dict, bdim: int, ndim: int) -> int | None:
+    try:
+        if name in _PERMUTES:
+            a, b = (d % ndim for d in _dims(args, kwargs, ("dim0", "dim1")))
+            return b if bdim == a else a if bdim == b else bdim
+        if func == Tensor.mT.__get__:
+            last = {ndim - 2: ndim - 1, ndim - 1: ndim - 2}
+            return last.get(bdim, bdim)
+        if func in _TRANSPOSE_GETTERS or name in ("t", "t_"):
+            return ndim - 1 - bdim
+        if name == "permute":
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            dims = kwargs.get("dims", dims)
+            return [d % ndim for d in dims].index(bdim)
+        src, dst = (d % ndim if isinstance(d, int) else None for d in _dims(args, kwargs, ("source", "destination")))
+        if src is None or dst is None:
+            return None
+        order = [d for d in range(ndim) if d != src]
+        order.insert(dst, src)
+        return order.index(bdim)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+class GuessingMode(TorchFunctionMode):
+    """The ``TorchFunctionMode`` of a guessing forward (module docstring)."""
+
+    def __init__(self, step: GuessingStep):
+        super().__init__()
+        self.step = step
+        self.tracker = step.tracker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():  # the model's own no_grad region: constants, as in backprop
+            args, kwargs = tree_map(primal, (args, kwargs))
+            return func(*args, **kwargs)
+        step = self.step
+        if (step.closed or step.handle._internal or func in _METADATA or func in _METADATA_GETTERS
+                or _name(func) in _ENGINE):
+            return func(*args, **kwargs)
+        tracker, trainable, active = self.tracker, step.trainable, step.fast_active
+        params: list[Tensor] = []
+        rows, shape, batch_in, hot = UNKNOWN, None, False, False
+        for t in _tensors(args, kwargs):
+            p = trainable.get(id(t))
+            if p is not None and p is t:
+                if id(t) not in active:
+                    params.append(t)
+                continue
+            entry = tracker.batch(t)
+            if entry is not None:
+                if not batch_in:
+                    rows, shape = entry[0], t.shape
+                batch_in, hot = True, hot or entry[1]
+            elif tracker.derived(t) is not None:
+                params.append(t)
+        if not params:
+            out = func(*args, **kwargs)
+            if batch_in:
+                self._propagate(func, args, kwargs, out, rows, shape, hot)
+            return out
+        if step.weight_space_ops:
+            out = self._weight_op(func, args, kwargs, params)
+            if batch_in:
+                self._propagate(func, args, kwargs, out, rows, shape, False)
+            return out
+        if not batch_in and not any(fwAD.unpack_dual(t).tangent is not None for t in _tensors(args, kwargs)):
+            return self._parameter_only(func, args, kwargs, params)
+        return self._guess_point(func, args, kwargs, params, rows, shape)
+
+    def _propagate(self, func, args, kwargs, out, rows, shape, hot) -> None:
+        tracker = self.tracker
+        for o in tree_flatten(out)[0] if not isinstance(out, Tensor) else (out,):
+            if not isinstance(o, Tensor):
+                continue
+            tracker.mark(o, tracker.out_rows(func, args, kwargs, rows, shape, o), hot)
+            if hot and o.is_floating_point() and fwAD.unpack_dual(o).tangent is None and not (
+                    _drops_tangent_on_purpose(func)):
+                raise GuessingNotSupportedError(
+                    f"{_name(func)!r} dropped the tangent of its input: its forward-mode AD formula returns none "
+                    "(a PyTorch limitation, e.g. scatter_reduce(reduce='prod')), so every guess before it would be "
+                    "pure noise. Replace the op by an equivalent (e.g. exp(scatter_add(log ...))), call .detach() if "
+                    "its output is meant to be a constant, or use method='backprop'."
+                )
+
+    def _parameter_only(self, func, args, kwargs, params: list[Tensor]) -> Any:
+        """Run with a reverse graph from the trainable parameters it reads (they are frozen during the forward)."""
+        trainable = self.step.trainable
+        real = [t for t in params if id(t) in trainable]
+        inplace = _name(func).endswith("_") and any(a is t for t in real for a in args[:1])
+        if not inplace:
+            for p in real:
+                p.requires_grad_(True)
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            for p in real if not inplace else ():
+                p.requires_grad_(False)
+        sources = dict.fromkeys(real)
+        for t in params:
+            for p in self.tracker.derived(t) or ():
+                sources[p] = None
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, Tensor) and o.requires_grad:
+                self.tracker.mark_derived(o, tuple(sources))
+        return out
+
+    def _weight_op(self, func, args, kwargs, params: list[Tensor]) -> Any:
+        """Weight space: each trainable parameter the op reads gets a weight-perturbation tangent ``V`` for this use
+        (shared by the ``num_guesses`` blocks); the estimate is ``(Σ_b d_b) V``."""
+        step = self.step
+        swap: dict[int, Tensor] = {}
+        for p in params:
+            if id(p) not in step.trainable or id(p) in swap:
+                continue
+            v = step.weight_guess(p)
+            if func is F.embedding:  # backprop's gradient of the padding row is zero: so is its guess
+                pad = kwargs.get("padding_idx", args[2] if len(args) > 2 else None)
+                if pad is not None:
+                    v[pad] = 0
+            step.add_record(WeightRecord(None, {"weight": p}, (), tangents=[{"weight": v}] * step.k))
+            if not step.replaying:
+                swap[id(p)] = fwAD.make_dual(p.detach(), v)
+        args, kwargs = tree_map(lambda a: swap.get(id(a), a) if isinstance(a, Tensor) else a, (args, kwargs))
+        return func(*args, **kwargs)
+
+    def _guess_point(self, func, args, kwargs, params: list[Tensor], rows: Rows, shape: Any) -> Any:
+        """An op where trainable parameters (or what was computed from them alone) meet the batch: run it on their
+        values, add a guess to each floating output's tangent, record its local VJP."""
+        step, tracker = self.step, self.tracker
+        name = step.op_name(func, params)
+        if func is F.multi_head_attention_forward and rows.dim == 0:
+            raise GuessingNotSupportedError(
+                f"{name}: nn.MultiheadAttention with batch_first=False received a tensor whose dim 0 is the batch, "
+                "so it attends across the examples of the batch (and guessed gradients need dim 0 to be the batch). "
+                "Construct it with nn.MultiheadAttention(..., batch_first=True)."
+            )
+        fn, oop_kwargs, inplace = out_of_place(func, kwargs)
+        sources = list(dict.fromkeys(params))
+        slots = {id(t): Slot(i) for i, t in enumerate(sources)}
+        values = {id(t): t.detach() for t in sources}
+        before = primal(args[0]).detach().clone() if inplace and isinstance(args[0], Tensor) else None
+        template = tree_map(lambda a: slots.get(id(a), primal(a)) if isinstance(a, Tensor) else a,
+                            ((before, *args[1:]) if before is not None else args, oop_kwargs))
+        run_args, run_kwargs = tree_map(lambda a: values.get(id(a), a) if isinstance(a, Tensor) else a,
+                                        (args, kwargs))
+        out = func(*run_args, **run_kwargs)
+        leaves, spec = tree_flatten(out)
+        record = OpRecord(None, {}, (), func=fn, args=template[0], kwargs=template[1], sources=sources,
+                          source_params=[(t,) if id(t) in step.trainable else tracker.derived(t) for t in sources])
+        for i, o in enumerate(leaves):
+            if not isinstance(o, Tensor) or not o.is_floating_point():
+                continue
+            b = tracker.out_rows(func, args, kwargs, rows, shape, o) if shape is not None else Rows(0, 1)
+            if b.dim is None and sum(s == step.rows for s in o.shape) == 1:  # an RNN's (layers, B, H) state
+                b = Rows(list(o.shape).index(step.rows), 1)
+            if b.dim is None or o.shape[b.dim] != step.rows * b.fold:
+                raise GuessingNotSupportedError(
+                    f"{name} returned a tensor of shape {tuple(o.shape)} without the batch ({step.rows} rows) on a "
+                    "known dim: guessed gradients need each example's values apart (dim 0 the batch; a sequence-first "
+                    "tensor, e.g. nn.MultiheadAttention(batch_first=False), is the usual cause: use batch_first=True)"
+                )
+            u = step.draw_guess(o, b, name)
+            record.outputs.append(i)
+            record.guesses.append(u)
+            record.rows.append(tuple(b))
+            if step.replaying:
+                tracker.mark(o, b, False)
+                continue
+            if inplace and i == 0 and o is args[0]:
+                o.add_(fwAD.make_dual(torch.zeros_like(primal(o)), u.to(o.dtype)))  # the caller's tensor itself
+            else:
+                value, tangent = fwAD.unpack_dual(o)
+                value = value.detach() if tangent is not None else value
+                value = value.contiguous() if 0 in value.stride() else value
+                leaves[i] = fwAD.make_dual(value, (u if tangent is None else tangent + u).to(value.dtype))
+            tracker.mark(leaves[i], b, True)
+        record.params = {str(j): p for j, p in enumerate(dict.fromkeys(p for ps in record.source_params for p in ps))}
+        step.add_record(record, guessed=bool(record.outputs))
+        step.handle.captured(name, record, None)
+        return tree_unflatten(leaves, spec)
