@@ -71,7 +71,7 @@ class GuessHandle:
         self.guess_points = self.layout.guess_points
         # downstream guesses walk on from the next modules' own edges; the others need the guess points' only
         sources = None if estimator.needs == "downstream" else self.guess_points
-        self.graphs = GraphCache(model, self.layout.tracked, self.head, sources, self.internal)
+        self.graphs = GraphCache(model, self.layout.tracked, self.head, sources, self.quiet)
         self.nonfinite = NonFinitePolicy(on_nonfinite)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._hooks: list[Any] = []
@@ -156,13 +156,20 @@ class GuessHandle:
             self._paused = previous
 
     @contextlib.contextmanager
-    def internal(self) -> Iterator[None]:
-        """Context manager under which the engine calls modules itself: every hook stands aside."""
+    def quiet(self) -> Iterator[None]:
+        """Context manager under which the engine calls the model itself (graph discovery): every hook stands aside."""
         self._internal += 1
         try:
             yield
         finally:
             self._internal -= 1
+
+    @contextlib.contextmanager
+    def internal(self) -> Iterator[None]:
+        """:meth:`quiet`, and torch functions skip ``__torch_function__``: the engine's own computations (guesses,
+        local VJPs) are not seen by the guessing mode, and cost no Python dispatch per op."""
+        with self.quiet(), torch._C.DisableTorchFunction():
+            yield
 
     @property
     def in_internal_forward(self) -> bool:
@@ -260,8 +267,7 @@ class GuessHandle:
                 or torch.is_inference_mode_enabled()):
             return None
         _refuse_compiled(self.model)
-        with self.internal():
-            self._step, args, kwargs = GuessingStep.open(self, args, kwargs)
+        self._step, args, kwargs = GuessingStep.open(self, args, kwargs)
         return args, kwargs
 
     def _on_product_pre(self, module: nn.Module, args: tuple) -> tuple | None:

@@ -88,15 +88,15 @@ def _conv_weight_grads(m: nn.Module, params: dict[str, Tensor], x: Tensor, grad_
     return {n: g for n, g in (("weight", g_w), ("bias", g_b)) if n in params}
 
 
-def weight_space_jvp(module: nn.Module, inputs: tuple, tangents: list[dict[str, Tensor]], rows: int,
+def weight_space_jvp(module: nn.Module, inputs: tuple, stacks: dict[str, Tensor], rows: int,
                      internal: Internal) -> Tensor:
     """The output tangent of weight perturbations ``V_j``, one per guess block of rows: the module evaluated with
     ``V_j`` in place of its parameters (and zeros for its other parameters) on block ``j`` of its inputs.
 
     Args:
         module: a guess point of a type linear in its parameters.
-        inputs: its positional inputs (primals), with ``rows`` rows = ``len(tangents)`` blocks of the batch.
-        tangents: per guess block, ``{local name: V}``.
+        inputs: its positional inputs (primals), with ``rows`` rows = ``K`` blocks of the batch.
+        stacks: ``{local name: V}``, each ``[K, *param.shape]``.
         rows: the output's dim 0. An int input equal to ``rows`` is a batch size (``PromptTokens(batch_size)``) and
             becomes the block's size.
         internal: entered while the module is called here.
@@ -104,22 +104,29 @@ def weight_space_jvp(module: nn.Module, inputs: tuple, tangents: list[dict[str, 
     Returns:
         The tangent, of the output's shape ``[rows, *S]``.
     """
-    k = len(tangents)
+    k = next(iter(stacks.values())).shape[0]
+    if type(module) is nn.Linear and len(inputs) == 1:  # all K blocks in one batched product
+        x = inputs[0]
+        xk = x.reshape(k, -1, x.shape[-1])
+        out = torch.bmm(xk, stacks["weight"].transpose(1, 2).to(x.dtype))
+        if "bias" in stacks:
+            out = out + stacks["bias"].to(x.dtype)[:, None]
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+    if type(module) is nn.Embedding and len(inputs) == 1:  # a lookup of V: never the module's max_norm renorm
+        ids = inputs[0].reshape(k, -1)
+        out = torch.stack([F.embedding(ids[j], stacks["weight"][j]) for j in range(k)])
+        return out.reshape(*inputs[0].shape, out.shape[-1])
     chunks = [
         torch.chunk(a, k, dim=0) if isinstance(a, Tensor)
         else [a // k if isinstance(a, int) and not isinstance(a, bool) and a == rows else a] * k
         for a in inputs
     ]
-    zeros = {n: torch.zeros_like(p) for n, p in module.named_parameters(recurse=False) if n not in tangents[0]}
+    zeros = {n: torch.zeros_like(p) for n, p in module.named_parameters(recurse=False) if n not in stacks}
     blocks = []
     with internal():
         for j in range(k):
-            block = tuple(c[j] for c in chunks)
-            params = {**zeros, **tangents[j]}
-            if type(module) is nn.Linear and len(block) == 1:  # skips functional_call's per-call overhead
-                blocks.append(F.linear(block[0], params["weight"], params.get("bias")))
-            else:
-                blocks.append(functional_call(module, params, block))
+            params = {**zeros, **{n: v[j] for n, v in stacks.items()}}
+            blocks.append(functional_call(module, params, tuple(c[j] for c in chunks)))
     return torch.cat(blocks, dim=0)
 
 

@@ -279,7 +279,7 @@ class GuessingMode(TorchFunctionMode):
                 pad = kwargs.get("padding_idx", args[2] if len(args) > 2 else None)
                 if pad is not None:
                     v[pad] = 0
-            step.add_record(WeightRecord(None, {"weight": p}, (), tangents=[{"weight": v}] * step.k))
+            step.add_record(WeightRecord(None, {"weight": p}, (), stacks={"weight": v.expand(step.k, *v.shape)}))
             if not step.replaying:
                 swap[id(p)] = fwAD.make_dual(p.detach(), v)
         args, kwargs = tree_map(lambda a: swap.get(id(a), a) if isinstance(a, Tensor) else a, (args, kwargs))

@@ -60,15 +60,22 @@ class ActivationRecord(Record):
 
 @dataclass
 class WeightRecord(Record):
-    """Weight-space guesses ``V``, one ``{local name: V}`` per guess block: the estimate is ``(Σ_b d_b) V``."""
+    """Weight-space guesses: ``stacks[name]`` holds the ``V`` of each of the ``K`` guess blocks (``[K, *shape]``; a
+    view of one ``V`` when the blocks share it). The estimate is ``(Σ_b d_b) V``, averaged over the blocks."""
 
-    tangents: list[dict[str, Tensor]] | None = None
+    stacks: dict[str, Tensor] | None = None
+
+    @property
+    def tangents(self) -> list[dict[str, Tensor]]:
+        """One ``{name: V}`` per guess block (views)."""
+        k = next(iter(self.stacks.values())).shape[0]
+        return [{n: v[j] for n, v in self.stacks.items()} for j in range(k)]
 
     def estimate(self, d: Tensor, grad_rep: Tensor, k: int, internal: Internal) -> dict[str, Tensor]:
         per_block = d.reshape(k, -1).sum(1)
         if k == 1:  # one weight-sized pass
-            return {n: per_block[0] * self.tangents[0][n] for n in self.params}
-        return {n: sum(per_block[j] * self.tangents[j][n] for j in range(k)) / k for n in self.params}
+            return {n: per_block[0] * self.stacks[n][0] for n in self.params}
+        return {n: torch.tensordot(per_block.to(v.dtype), v, dims=1) / k for n, v in self.stacks.items()}
 
 
 @dataclass

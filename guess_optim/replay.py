@@ -46,7 +46,8 @@ def replay(step: GuessingStep) -> dict[int, Tensor]:
                 again.graph_uses = handle.graphs.uses(again.graph, handle.guess_points, handle.exact_head)
             handle._step = again
             with GuessingMode(again):
-                args, kwargs = again.guess_inputs(saved["args"], saved["kwargs"], saved["needing_grad"])
+                with handle.internal():
+                    args, kwargs = again.guess_inputs(saved["args"], saved["kwargs"], saved["needing_grad"])
                 model(*args, **kwargs)
     finally:
         again.closed = True

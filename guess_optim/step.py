@@ -129,7 +129,8 @@ class GuessingStep:
             stack.enter_context(parameters_frozen(handle.model, list(trainable.values())))
             stack.enter_context(GuessingMode(step))
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-            args, kwargs = step.guess_inputs(args, kwargs, needing_grad)
+            with handle.internal():
+                args, kwargs = step.guess_inputs(args, kwargs, needing_grad)
         except BaseException:
             step.close()
             raise
@@ -266,17 +267,17 @@ class GuessingStep:
                 )
             return ExactHeadRecord(module, params, inputs, edge=boundary_edges[0], output=out), None
         if self.estimator.space == "weight":
-            tangents = [{n: self._module_weight_guess(module, n, p) for n, p in params.items()} for _ in range(self.k)]
-            record = WeightRecord(module, params, inputs, tangents=tangents)
-            jvp = None if self.replaying else weight_space_jvp(module, inputs, tangents, out.shape[0], handle.internal)
+            stacks = {n: self._module_weight_guesses(module, n, p) for n, p in params.items()}
+            record = WeightRecord(module, params, inputs, stacks=stacks)
+            jvp = None if self.replaying else weight_space_jvp(module, inputs, stacks, out.shape[0], handle.internal)
             return record, jvp
         guess = self.draw_guess(out, rows, handle.names[module], module, edges)
         return ActivationRecord(module, params, inputs, guess=guess, rows=tuple(rows)), guess
 
-    def _module_weight_guess(self, module: nn.Module, name: str, p: Tensor) -> Tensor:
-        v = self.estimator.weight_guess(p, self.handle.generator(p.device))
+    def _module_weight_guesses(self, module: nn.Module, name: str, p: Tensor) -> Tensor:
+        v = self.estimator.weight_guesses(p, self.handle.generator(p.device), self.k)
         if isinstance(module, nn.Embedding) and name == "weight" and module.padding_idx is not None:
-            v[module.padding_idx] = 0  # backprop's gradient of the padding row is zero: so is its guess
+            v[:, module.padding_idx] = 0  # backprop's gradient of the padding row is zero: so is its guess
         return v
 
     def _release_graph(self, module: nn.Module) -> None:

@@ -112,6 +112,11 @@ class Estimator:
         """The guess ``V`` for one parameter (weight space): a tensor of ``param``'s shape, shared by the batch."""
         raise NotImplementedError(f"estimator {self.name!r} guesses in {self.space} space; it has no weight_guess()")
 
+    def weight_guesses(self, param: Tensor, generator: torch.Generator, k: int) -> Tensor:
+        """``k`` independent weight-space guesses, stacked: ``[k, *param.shape]`` (one per guess block of
+        ``num_guesses``). By default :meth:`weight_guess` ``k`` times; override to draw them at once."""
+        return torch.stack([self.weight_guess(param, generator) for _ in range(k)])
+
     def options(self) -> dict[str, Any]:
         """The estimator's options, ``{field name: value}``."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..guesses import directional_guess
+from ..guesses import directional_guess, normalize_rows, random_cotangent
 from .base import Estimator, register_estimator
 
 __all__ = ["Directional"]
@@ -34,3 +34,8 @@ class Directional(Estimator):
     def weight_guess(self, param: Tensor, generator: torch.Generator) -> Tensor:
         """``V ~ N(0, I)`` of ``param``'s shape, dtype and device, norm ``sqrt(param.numel())``."""
         return directional_guess(param, generator)
+
+    def weight_guesses(self, param: Tensor, generator: torch.Generator, k: int) -> Tensor:
+        """``k`` guesses drawn at once, ``[k, *param.shape]``, each of norm ``sqrt(param.numel())``."""
+        v = random_cotangent(param.detach().new_empty((k, *param.shape)), generator)
+        return normalize_rows(v, inplace=True)

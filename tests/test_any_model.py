@@ -1,0 +1,350 @@
+"""Correct on any model a user brings, or a clear error: one regression test per failure class of the issue.
+
+For every pattern that is accepted, the average of many ``activation`` (and, where relevant, ``directional``) guesses
+matches backprop's gradient per parameter in cosine and projection ratio (float64; ``tests/unbiased.py``); every
+pattern that cannot be estimated raises an error that names the fix. No test accepts a raw PyTorch error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from guess_optim import GuessingNotSupportedError, attach
+from unbiased import averaged, backprop, compare
+
+torch.set_default_dtype(torch.float64)  # module-level: restored by the fixture below
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64_one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    torch.set_default_dtype(torch.float32)
+
+
+def data(batch=3, features=5, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, features, generator=g), torch.randint(0, classes, (batch,), generator=g)
+
+
+def check(model, run, methods=("activation", "directional"), guesses=20000, **options):
+    ref = backprop(model, run)
+    for method in methods:
+        compare(averaged(model, run, method=method, guesses=guesses, **options), ref)
+
+
+# --------------------------------------------------------------------------------------------- auxiliary outputs
+class AuxOutput(nn.Module):
+    """Returns the logits and a hidden state; the loss regularises the hidden state."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h), h
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_auxiliary_output_used_in_the_loss(head):
+    torch.manual_seed(0)
+    model, (x, y) = AuxOutput(), data()
+
+    def run(m):
+        logits, h = m(x)
+        return F.cross_entropy(logits, y) + 0.5 * (h ** 2).sum(1).mean()
+
+    check(model, run, **({"head": model.fc2} if head else {}))
+
+
+class HiddenStates(nn.Module):
+    """A Hugging Face-style dict: logits, all hidden states, and a loss computed inside forward after the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(5, 5) for _ in range(2))
+        self.classifier = nn.Linear(5, 3)
+
+    def forward(self, x, labels):
+        states = [x]
+        for layer in self.layers:
+            states.append(F.gelu(layer(states[-1])))
+        logits = self.classifier(states[-1])
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits, "hidden_states": tuple(states)}
+
+
+def test_hidden_states_returned_beside_a_loss_computed_after_the_head():
+    torch.manual_seed(0)
+    model, (x, y) = HiddenStates(), data()
+
+    def run(m):
+        out = m(x, y)
+        return out["loss"] + 0.3 * out["hidden_states"][1].pow(2).mean()
+
+    check(model, run, head=model.classifier)
+
+
+# ------------------------------------------------------------------------------- parameters outside their module
+class OutsideUse(nn.Module):
+    """A weight read outside its module's forward, and an embedding tied functionally to the output layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, ids):
+        h = self.emb(ids).mean(1)
+        h = torch.tanh(h @ self.lin.weight.T + self.lin.bias)
+        return F.linear(h, self.emb.weight)
+
+
+def test_parameter_used_outside_its_module_and_functional_tying():
+    torch.manual_seed(0)
+    model = OutsideUse()
+    ids = torch.randint(0, 7, (3, 4), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([1, 5, 2])
+    check(model, lambda m: F.cross_entropy(m(ids), y))
+
+
+# ------------------------------------------------------------------------------------ broadcast guess points
+class PositionEmbeddings(nn.Module):
+    """Position ids of shape (1, L) from a buffer (BERT, GPT-2), a trainable cls token and a (1, L, D) parameter."""
+
+    def __init__(self, length=4, dim=6):
+        super().__init__()
+        self.tok = nn.Embedding(9, dim)
+        self.pos = nn.Embedding(length, dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
+        self.extra = nn.Parameter(torch.randn(1, length + 1, dim) * 0.1)
+        self.register_buffer("position_ids", torch.arange(length)[None])
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(self.position_ids[:, : ids.shape[1]])
+        h = torch.cat([self.cls.expand(ids.shape[0], -1, -1), h], 1) + self.extra
+        return self.head(torch.tanh(h)[:, 0])
+
+
+def test_broadcast_position_ids_cls_token_and_position_parameter():
+    torch.manual_seed(0)
+    model = PositionEmbeddings()
+    ids = torch.randint(0, 9, (3, 4), generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 2, 1])
+    check(model, lambda m: F.cross_entropy(m(ids), y))
+
+
+class PromptOnce(nn.Module):
+    """peft-style prompt tuning: the prompt tokens are embedded once, then repeated over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompt = nn.Embedding(2, 5)
+        self.register_buffer("prompt_ids", torch.arange(2))
+        self.body = nn.Linear(5, 5)
+        self.body.requires_grad_(False)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # x: [B, L, 5]
+        prompts = self.prompt(self.prompt_ids[None]).repeat(x.shape[0], 1, 1)
+        return self.head(torch.tanh(self.body(torch.cat([prompts, x], 1))).mean(1))
+
+
+def test_prompt_embedded_once_and_repeated():
+    torch.manual_seed(0)
+    model = PromptOnce()
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([2, 0, 1])
+    check(model, lambda m: F.cross_entropy(m(x), y))
+
+
+# --------------------------------------------------------------------------------------------- torch.compile
+def test_compile_after_attach_is_a_clear_error_and_the_model_stays_usable():
+    torch.manual_seed(0)
+    model, (x, y) = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), data()
+    handle = attach(model, "activation", seed=0)
+    compiled = torch.compile(model, backend="eager")
+    for k in (1, 3):
+        handle.num_guesses = k
+        with pytest.raises(GuessingNotSupportedError, match=r"torch.compile"):
+            F.cross_entropy(compiled(x), y).backward()
+        assert fwAD._current_level == -1 and torch.is_grad_enabled()
+    handle.num_guesses = 1
+    F.cross_entropy(model(x), y).backward()  # the attached module itself still trains
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    handle.remove()
+
+
+def test_compiled_submodule_is_a_clear_error():
+    torch.manual_seed(0)
+    model, (x, y) = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), data()
+    model[2].compile(backend="eager")
+    with attach(model, "activation"), pytest.raises(GuessingNotSupportedError, match=r"submodule '2' is compiled"):
+        model(x)
+
+
+# ------------------------------------------------------------------------------- weight norm, parametrizations
+def _normed(kind):
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 4)
+    if kind == "hook-weight-norm":
+        lin = torch.nn.utils.weight_norm(lin)
+    elif kind == "hook-spectral-norm":
+        lin = torch.nn.utils.spectral_norm(lin)
+    elif kind == "weight-norm":
+        lin = parametrizations.weight_norm(lin)
+    elif kind == "spectral-norm":
+        lin = parametrizations.spectral_norm(lin)
+    else:
+        lin = parametrizations.orthogonal(lin)
+    model = nn.Sequential(lin, nn.Tanh(), nn.Linear(4, 3))
+    model[0].eval() if "spectral" in kind else None  # power iterations are not part of the gradient
+    return model
+
+
+@pytest.mark.parametrize("kind", ["hook-weight-norm", "hook-spectral-norm", "weight-norm", "spectral-norm",
+                                  "orthogonal"])
+def test_weight_norm_spectral_norm_and_parametrizations(kind):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        model = _normed(kind)
+    x, y = data()
+    check(model, lambda m: F.cross_entropy(m(x), y))
+
+
+# ------------------------------------------------------------------------------------------ embedding options
+@pytest.mark.parametrize("option", [{"max_norm": 1.0}, {"padding_idx": 0}])
+def test_embedding_max_norm_and_padding_idx(option):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 4, **option), nn.Flatten(), nn.Linear(12, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)  # rows above max_norm: the forward renormalises them
+    ids = torch.tensor([[0, 1, 2], [3, 0, 5], [1, 1, 4]])
+    y = torch.tensor([0, 1, 2])
+    if "max_norm" in option:  # renormalise once, as backprop's first forward would, so both see the same weights
+        with torch.no_grad():
+            model(ids)
+    check(model, lambda m: F.cross_entropy(m(ids), y))
+    if "padding_idx" in option:
+        for method in ("activation", "directional"):
+            with attach(model, method, seed=1):
+                model[0].weight.grad = None
+                F.cross_entropy(model(ids), y).backward()
+            assert torch.equal(model[0].weight.grad[0], torch.zeros(4))  # the padding row is not trained
+
+
+# ---------------------------------------------------------------------------------------- dropped tangents
+class ScatterProd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 4), nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.fc1(x))
+        index = torch.tensor([0, 1, 0, 1]).expand_as(h)
+        pooled = torch.ones(h.shape[0], 2).scatter_reduce(1, index, h, reduce="prod", include_self=False)
+        return self.fc2(pooled)
+
+
+def test_op_dropping_the_tangent_is_an_error():
+    model, (x, _) = ScatterProd(), data()
+    with attach(model, "activation"), pytest.raises(GuessingNotSupportedError, match=r"scatter_reduce.*dropped"):
+        model(x)
+
+
+# ------------------------------------------------------------------------------------- dim 0 not the batch
+class SequenceFirst(nn.Module):
+    def __init__(self, transpose):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2)  # batch_first=False
+        self.head = nn.Linear(4, 3)
+        self.transpose = transpose
+
+    def forward(self, x):  # x: [B, L, 4]
+        if self.transpose:
+            h = self.attn(*(x.transpose(0, 1),) * 3)[0].transpose(0, 1)
+        else:
+            h = self.attn(x, x, x)[0]
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("length", [3, 4])  # 3 == batch: wrong silently before
+def test_sequence_first_attention_on_batch_first_tensors_is_an_error(length):
+    torch.manual_seed(0)
+    model = SequenceFirst(transpose=False)
+    x = torch.randn(3, length, 4)
+    with attach(model, "activation"), pytest.raises(GuessingNotSupportedError, match=r"batch_first=True"):
+        model(x)
+
+
+def test_sequence_first_attention_fed_transposed_tensors_is_estimated():
+    torch.manual_seed(0)
+    model = SequenceFirst(transpose=True)
+    x, y = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(4)), torch.tensor([0, 1, 2])
+    check(model, lambda m: F.cross_entropy(m(x), y), methods=("activation",))
+
+
+# --------------------------------------------------------------------------------------------- one layer
+@pytest.mark.parametrize("method", ["directional", "activation", "wt"])
+def test_a_single_layer_model(method):
+    torch.manual_seed(0)
+    model = nn.Embedding(5, 3)
+    ids = torch.tensor([[0, 1], [4, 2]])
+    run = lambda m: m(ids).pow(2).sum()  # noqa: E731
+    if method == "wt":
+        with attach(model, method, seed=0):
+            run(model).backward()
+        assert model.weight.grad is not None
+    else:
+        check(model, run, methods=(method,))
+
+
+# ------------------------------------------------------------------------- layers that used to be refused
+class Zoo(nn.Module):
+    """MultiheadAttention (batch first), RMSNorm, PReLU, Bilinear and transformers' Conv1D."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.norm = nn.RMSNorm(4)
+        self.act = nn.PReLU()
+        self.bilinear = nn.Bilinear(4, 4, 4)
+        self.conv1d = Conv1D(5, 4)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # [B, L, 4]
+        h = self.attn(x, x, x, need_weights=False)[0]
+        h = self.act(self.norm(h + x))
+        h = self.bilinear(h, x)
+        return self.head(self.conv1d(h).mean(1))
+
+
+def test_attention_rmsnorm_prelu_bilinear_and_conv1d():
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = Zoo()
+    x, y = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 2])
+    check(model, lambda m: F.cross_entropy(m(x), y), guesses=40000)
+
+
+# --------------------------------------------------------------------------------------------- input grads
+def test_input_gradients_are_estimated():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = data()
+    x.requires_grad_(True)
+    ref = backprop(model, lambda m: F.cross_entropy(m(x), y), inputs={"x": x})
+    est = averaged(model, lambda m: F.cross_entropy(m(x), y), inputs={"x": x})
+    compare(est, ref)
