@@ -221,7 +221,7 @@ class GuessingMode(TorchFunctionMode):
                 self._propagate(func, args, kwargs, out, rows, shape, hot)
             return out
         if step.weight_space_ops:
-            out = self._weight_op(func, args, kwargs, params)
+            out = self._weight_op(func, args, kwargs, params, batch_in)
             if batch_in:
                 self._propagate(func, args, kwargs, out, rows, shape, False)
             return out
@@ -248,7 +248,8 @@ class GuessingMode(TorchFunctionMode):
         """Run with a reverse graph from the trainable parameters it reads (they are frozen during the forward)."""
         trainable = self.step.trainable
         real = [t for t in params if id(t) in trainable]
-        inplace = _name(func).endswith("_") and any(a is t for t in real for a in args[:1])
+        name = _name(func)
+        inplace = name.endswith("_") and not name.endswith("__") and any(a is t for t in real for a in args[:1])
         if not inplace:
             for p in real:
                 p.requires_grad_(True)
@@ -266,24 +267,66 @@ class GuessingMode(TorchFunctionMode):
                 self.tracker.mark_derived(o, tuple(sources))
         return out
 
-    def _weight_op(self, func, args, kwargs, params: list[Tensor]) -> Any:
-        """Weight space: each trainable parameter the op reads gets a weight-perturbation tangent ``V`` for this use
-        (shared by the ``num_guesses`` blocks); the estimate is ``(Σ_b d_b) V``."""
-        step = self.step
-        swap: dict[int, Tensor] = {}
+    def _weight_op(self, func, args, kwargs, params: list[Tensor], batch_in: bool) -> Any:
+        """Weight space: each trainable parameter the op reads gets weight-perturbation tangents ``V`` for this use,
+        one per guess block of ``num_guesses``; the estimate is ``(Σ_b d_b) V``. The blocks' effects are measured on
+        their own rows (one call of the op per block) where the op keeps the rows on dim 0; elsewhere (an op with no
+        batch input, e.g. inside a weight norm, or one that moves the rows) the blocks share the first ``V``."""
+        step, k = self.step, self.step.k
+        stacks: dict[int, Tensor] = {}
         for p in params:
-            if id(p) not in step.trainable or id(p) in swap:
-                continue
-            v = step.weight_guess(p)
-            if func is F.embedding:  # backprop's gradient of the padding row is zero: so is its guess
-                pad = kwargs.get("padding_idx", args[2] if len(args) > 2 else None)
-                if pad is not None:
-                    v[pad] = 0
-            step.add_record(WeightRecord(None, {"weight": p}, (), stacks={"weight": v.expand(step.k, *v.shape)}))
-            if not step.replaying:
-                swap[id(p)] = fwAD.make_dual(p.detach(), v)
+            if id(p) in step.trainable and id(p) not in stacks:
+                v = step.weight_guesses(p)
+                if func is F.embedding:  # backprop's gradient of the padding row is zero: so is its guess
+                    pad = kwargs.get("padding_idx", args[2] if len(args) > 2 else None)
+                    if pad is not None:
+                        v[:, pad] = 0
+                stacks[id(p)] = v
+        if step.replaying or not stacks:
+            self._weight_records(stacks, per_block=True)
+            return func(*args, **kwargs)
+        if k > 1 and batch_in:
+            out = self._per_block(func, args, kwargs, stacks)
+            if out is not None:
+                self._weight_records(stacks, per_block=True)
+                return out
+        self._weight_records(stacks, per_block=k == 1)
+        swap = {i: fwAD.make_dual(step.trainable[i].detach(), v[0]) for i, v in stacks.items()}
         args, kwargs = tree_map(lambda a: swap.get(id(a), a) if isinstance(a, Tensor) else a, (args, kwargs))
         return func(*args, **kwargs)
+
+    def _weight_records(self, stacks: dict[int, Tensor], per_block: bool) -> None:
+        step = self.step
+        for i, v in stacks.items():
+            v = v if per_block else v[:1].expand(step.k, *v.shape[1:])
+            record = WeightRecord(None, {"weight": step.trainable[i]}, (), stacks={"weight": v})
+            step.add_record(record)
+            step.handle.captured(step.handle.param_names.get(i, "?"), record, None)
+
+    def _per_block(self, func, args, kwargs, stacks: dict[int, Tensor]) -> Any:
+        """The op with each block's ``V`` on that block's rows; ``None`` where the rows are not on dim 0."""
+        tracker, n, k = self.tracker, self.step.rows, self.step.k
+        leaves, spec = tree_flatten((args, kwargs))
+        rowed = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and tracker.batch(t) is not None]
+        if any(tuple(tracker.batch(leaves[i])[0]) != (0, 1) or leaves[i].shape[0] != n for i in rowed):
+            return None
+        out = func(*args, **kwargs)
+        if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != n:
+            return None
+        size, tangents = n // k, []
+        for j in range(k):
+            block = list(leaves)
+            for i in rowed:
+                block[i] = primal(leaves[i])[j * size:(j + 1) * size]
+            for i, t in enumerate(leaves):
+                if isinstance(t, Tensor) and id(t) in stacks:
+                    block[i] = fwAD.make_dual(t.detach(), stacks[id(t)][j])
+            a, kw = tree_unflatten(block, spec)
+            tangent = fwAD.unpack_dual(func(*a, **kw)).tangent
+            tangents.append(torch.zeros_like(primal(out)[: size]) if tangent is None else tangent)
+        value, existing = fwAD.unpack_dual(out)
+        tangent = torch.cat(tangents)
+        return fwAD.make_dual(value.detach(), tangent if existing is None else existing + tangent)
 
     def _guess_point(self, func, args, kwargs, params: list[Tensor], rows: Rows, shape: Any) -> Any:
         """An op where trainable parameters (or what was computed from them alone) meet the batch: run it on their

@@ -37,8 +37,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .boundary import Estimate, collect
 from .contexts import load_jvp_decompositions, parameters_frozen, primal
 from .errors import GuessingNotSupportedError
+from .estimators import Directional
 from .graph import Graph, GraphError
-from .guesses import directional_guess, isotropic_guess
+from .guesses import isotropic_guess
 from .local_grad import product_tangent, weight_space_jvp
 from .ops import GuessingMode, Rows, Tracker, from_rows, to_rows
 from .prompts import PromptTokens
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["GuessingStep"]
 
 _NO_REPEAT_KWARGS = frozenset({"labels", "label", "targets"})
+_RAW_ESTIMATOR = Directional()  # raw_parameters="directional" with an activation-space method
 
 
 class GuessingStep:
@@ -171,12 +173,11 @@ class GuessingStep:
         elif self.handle.store == "activations" and guessed:
             self.records.append(record)
 
-    def weight_guess(self, param: Tensor) -> Tensor:
-        """A weight-space guess for one use of a parameter outside the fast paths."""
+    def weight_guesses(self, param: Tensor) -> Tensor:
+        """Weight-space guesses ``[K, *shape]`` for one use of a parameter outside the fast paths."""
         gen = self.handle.generator(param.device)
-        if self.estimator.space == "weight":
-            return self.estimator.weight_guess(param, gen)
-        return directional_guess(param, gen)  # raw_parameters="directional"
+        estimator = self.estimator if self.estimator.space == "weight" else _RAW_ESTIMATOR  # raw_parameters=...
+        return estimator.weight_guesses(param, gen, self.k)
 
     def draw_guess(self, output: Tensor, rows: Rows, name: str, module: nn.Module | None = None,
                    edges: list | None = None) -> Tensor:

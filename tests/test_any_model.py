@@ -13,9 +13,9 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
+from unbiased import averaged, backprop, compare
 
 from guess_optim import GuessingNotSupportedError, attach
-from unbiased import averaged, backprop, compare
 
 torch.set_default_dtype(torch.float64)  # module-level: restored by the fixture below
 
