@@ -101,7 +101,6 @@ class GuessHandle:
     # ----------------------------------------------------------------------------------------------- lifecycle
     def _install(self) -> None:
         add, model = self._hooks.append, self.model
-        add(model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
         for m in self.layout.product_modules:
             # prepended: the output's tangent must be in place before the guess-point hook reads it
             add(m.register_forward_pre_hook(self._on_product_pre))
@@ -116,6 +115,8 @@ class GuessHandle:
             add(self.head.register_forward_hook(self._on_boundary))
         # Runs even when forward raises, so the dual level and the contexts never stay open.
         add(model.register_forward_hook(self._on_root_post, always_call=True))
+        # First of all pre-hooks, also when the model is itself a guess point (a single layer).
+        add(model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True, prepend=True))
         self._forward = model.__dict__.get("forward")
         if self._forward is None:
             self._forward = model.forward

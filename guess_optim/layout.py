@@ -55,7 +55,7 @@ class Layout:
     def of(cls, model: nn.Module) -> Layout:
         layout = cls(names={m: n for n, m in model.named_modules()})
         for m in model.modules():
-            if has_product_tangent(m) and not parametrize.is_parametrized(m):
+            if has_product_tangent(m) and _plain_parameters(m):
                 layout.product_modules.append(m)
             if is_fast_path(m):
                 if any(p.requires_grad for p in m.parameters(recurse=False)):
@@ -75,8 +75,12 @@ def is_fast_path(m: nn.Module) -> bool:
     ``bias`` as its ``forward`` reads them: not parametrized (``torch.nn.utils.parametrize``), no hook-based
     ``weight_norm``/``spectral_norm`` (``weight_g``/``weight_v``/``weight_orig``). Other modules are guessed op by op
     (:mod:`guess_optim.ops`)."""
-    return isinstance(m, GUESS_POINT_TYPES) and not parametrize.is_parametrized(m) and all(
-        n in ("weight", "bias") for n, _ in m.named_parameters(recurse=False))
+    return isinstance(m, GUESS_POINT_TYPES) and _plain_parameters(m)
+
+
+def _plain_parameters(m: nn.Module) -> bool:
+    return not parametrize.is_parametrized(m) and all(n in ("weight", "bias") for n, _ in m.named_parameters(
+        recurse=False)) and isinstance(getattr(m, "weight", None), (nn.Parameter, type(None)))
 
 
 def unsupported_parameters(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:

@@ -68,6 +68,13 @@ def local_vjp(module: nn.Module, params: dict[str, Tensor], inputs: tuple, grad_
         if "bias" in params:
             out["bias"] = go.sum(0)
         return out
+    if type(module) is nn.Embedding and len(inputs) == 1 and set(params) == {"weight"}:
+        # the lookup's VJP: rows of grad_out added at their ids (never the module's max_norm renorm), none for padding
+        ids, w = inputs[0].reshape(-1), params["weight"]
+        g = torch.zeros_like(w).index_add_(0, ids, grad_out.reshape(-1, w.shape[1]).to(w.dtype))
+        if module.padding_idx is not None:
+            g[module.padding_idx] = 0
+        return {"weight": g}
     if (_is_zero_padded_conv(module) and not isinstance(module.padding, str) and len(inputs) == 1
             and inputs[0].dim() == module.weight.dim()):
         return _conv_weight_grads(module, params, inputs[0], grad_out)

@@ -220,13 +220,13 @@ class GuessingMode(TorchFunctionMode):
             if batch_in:
                 self._propagate(func, args, kwargs, out, rows, shape, hot)
             return out
+        if not batch_in and not any(fwAD.unpack_dual(t).tangent is not None for t in _tensors(args, kwargs)):
+            return self._parameter_only(func, args, kwargs, params)
         if step.weight_space_ops:
             out = self._weight_op(func, args, kwargs, params, batch_in)
             if batch_in:
                 self._propagate(func, args, kwargs, out, rows, shape, False)
             return out
-        if not batch_in and not any(fwAD.unpack_dual(t).tangent is not None for t in _tensors(args, kwargs)):
-            return self._parameter_only(func, args, kwargs, params)
         return self._guess_point(func, args, kwargs, params, rows, shape)
 
     def _propagate(self, func, args, kwargs, out, rows, shape, hot) -> None:
@@ -268,65 +268,114 @@ class GuessingMode(TorchFunctionMode):
         return out
 
     def _weight_op(self, func, args, kwargs, params: list[Tensor], batch_in: bool) -> Any:
-        """Weight space: each trainable parameter the op reads gets weight-perturbation tangents ``V`` for this use,
-        one per guess block of ``num_guesses``; the estimate is ``(Σ_b d_b) V``. The blocks' effects are measured on
-        their own rows (one call of the op per block) where the op keeps the rows on dim 0; elsewhere (an op with no
-        batch input, e.g. inside a weight norm, or one that moves the rows) the blocks share the first ``V``."""
+        """Weight space: each trainable parameter the op reads (or tensor computed from them alone: a normed or
+        parametrized weight, whose estimate is then pulled back to them exactly) gets weight-perturbation tangents
+        ``V`` for this use, one per guess block of ``num_guesses``; the estimate is ``(Σ_b d_b) V``. The blocks' effects
+        are measured on their own rows (one call of the op per block) where the op keeps the rows on dim 0; elsewhere
+        (an op that moves the rows) the blocks share the first ``V``."""
         step, k = self.step, self.step.k
-        stacks: dict[int, Tensor] = {}
-        for p in params:
-            if id(p) in step.trainable and id(p) not in stacks:
-                v = step.weight_guesses(p)
+        stacks: dict[int, tuple[Tensor, Tensor]] = {}
+        broadcast = {}
+        for t in params:
+            sources = self.tracker.derived(t) if id(t) not in step.trainable else None
+            if sources is not None and t.numel() > sum(p.numel() for p in sources):
+                broadcast[id(t)] = self._broadcast_tangent(t, sources)  # (a cls token expanded to the batch)
+            elif id(t) not in stacks:
+                v = step.weight_guesses(t)
                 if func is F.embedding:  # backprop's gradient of the padding row is zero: so is its guess
                     pad = kwargs.get("padding_idx", args[2] if len(args) > 2 else None)
                     if pad is not None:
                         v[:, pad] = 0
-                stacks[id(p)] = v
-        if step.replaying or not stacks:
+                stacks[id(t)] = (t, v)
+        if step.replaying:
             self._weight_records(stacks, per_block=True)
             return func(*args, **kwargs)
-        if k > 1 and batch_in:
+        if k > 1 and batch_in and not broadcast:
             out = self._per_block(func, args, kwargs, stacks)
             if out is not None:
                 self._weight_records(stacks, per_block=True)
                 return out
         self._weight_records(stacks, per_block=k == 1)
-        swap = {i: fwAD.make_dual(step.trainable[i].detach(), v[0]) for i, v in stacks.items()}
+        swap = {i: fwAD.make_dual(t.detach(), v[0]) for i, (t, v) in stacks.items()}
+        swap.update(broadcast)
         args, kwargs = tree_map(lambda a: swap.get(id(a), a) if isinstance(a, Tensor) else a, (args, kwargs))
         return func(*args, **kwargs)
 
-    def _weight_records(self, stacks: dict[int, Tensor], per_block: bool) -> None:
+    def _broadcast_tangent(self, t: Tensor, sources: tuple[Tensor, ...]) -> Tensor:
+        """A tensor computed from parameters alone but larger than them (a parameter expanded to the batch): the
+        parameters get their own weight guesses ``V`` (shared by the ``num_guesses`` blocks), and ``t`` the tangent
+        they give it, ``J V``, by double backward through the parameter-only ops (no second forward-AD level)."""
         step = self.step
-        for i, v in stacks.items():
-            v = v if per_block else v[:1].expand(step.k, *v.shape[1:])
-            record = WeightRecord(None, {"weight": step.trainable[i]}, (), stacks={"weight": v})
+        vs = [step.weight_guesses(p)[0] for p in sources]
+        for p, v in zip(sources, vs, strict=True):
+            record = WeightRecord(None, {"weight": p}, (), stacks={"weight": v.expand(step.k, *v.shape)})
             step.add_record(record)
-            step.handle.captured(step.handle.param_names.get(i, "?"), record, None)
+            step.handle.captured(step.op_name(None, [p]), record, None)
+        u = torch.zeros_like(t, requires_grad=True)
+        frozen = [p for p in sources if not p.requires_grad]  # trainable parameters are frozen during the forward
+        for p in frozen:
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(t, sources, u, create_graph=True, retain_graph=True, allow_unused=True)
+                pairs = [(g, v) for g, v in zip(grads, vs, strict=True) if g is not None and g.requires_grad]
+                tangent = torch.autograd.grad([g for g, _ in pairs], u, [v for _, v in pairs])[0] if pairs else None
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+        value = t.detach().contiguous() if 0 in t.stride() else t.detach()  # an expanded view: a dual needs memory
+        return fwAD.make_dual(value, torch.zeros_like(value) if tangent is None else tangent.detach())
 
-    def _per_block(self, func, args, kwargs, stacks: dict[int, Tensor]) -> Any:
-        """The op with each block's ``V`` on that block's rows; ``None`` where the rows are not on dim 0."""
+    def _weight_records(self, stacks: dict[int, tuple[Tensor, Tensor]], per_block: bool) -> None:
+        step = self.step
+        for i, (t, v) in stacks.items():
+            v = v if per_block else v[:1].expand(step.k, *v.shape[1:])
+            if i in step.trainable:
+                record = WeightRecord(None, {"weight": t}, (), stacks={"weight": v})
+            else:
+                sources = self.tracker.derived(t)
+                record = WeightRecord(None, {str(j): p for j, p in enumerate(sources)}, (), stacks={"source": v},
+                                      source=t)
+            step.add_record(record)
+            step.handle.captured(step.op_name(None, [t]), record, None)
+
+    def _per_block(self, func, args, kwargs, stacks: dict[int, tuple[Tensor, Tensor]]) -> Any:
+        """The op with each block's ``V`` on that block's rows (wherever the rows are: a moved or folded batch dim);
+        ``None`` where they cannot be told apart."""
         tracker, n, k = self.tracker, self.step.rows, self.step.k
         leaves, spec = tree_flatten((args, kwargs))
-        rowed = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and tracker.batch(t) is not None]
-        if any(tuple(tracker.batch(leaves[i])[0]) != (0, 1) or leaves[i].shape[0] != n for i in rowed):
+        rowed = {i: tracker.batch(t)[0] for i, t in enumerate(leaves)
+                 if isinstance(t, Tensor) and tracker.batch(t) is not None}
+        if not rowed or any(r.dim is None or leaves[i].shape[r.dim] != n * r.fold for i, r in rowed.items()):
             return None
+        first = next(iter(rowed))
         out = func(*args, **kwargs)
-        if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != n:
-            return None
-        size, tangents = n // k, []
+        outs, out_spec = tree_flatten(out)
+        out_rows = {}
+        for i, o in enumerate(outs):
+            if isinstance(o, Tensor) and o.is_floating_point():
+                r = tracker.out_rows(func, args, kwargs, rowed[first], leaves[first].shape, o)
+                if r.dim is None or o.shape[r.dim] != n * r.fold:
+                    return None
+                out_rows[i] = r
+        size, tangents = n // k, {i: [] for i in out_rows}
         for j in range(k):
             block = list(leaves)
-            for i in rowed:
-                block[i] = primal(leaves[i])[j * size:(j + 1) * size]
+            for i, r in rowed.items():
+                block[i] = primal(leaves[i]).narrow(r.dim, j * size * r.fold, size * r.fold)
             for i, t in enumerate(leaves):
                 if isinstance(t, Tensor) and id(t) in stacks:
-                    block[i] = fwAD.make_dual(t.detach(), stacks[id(t)][j])
+                    block[i] = fwAD.make_dual(t.detach(), stacks[id(t)][1][j])
             a, kw = tree_unflatten(block, spec)
-            tangent = fwAD.unpack_dual(func(*a, **kw)).tangent
-            tangents.append(torch.zeros_like(primal(out)[: size]) if tangent is None else tangent)
-        value, existing = fwAD.unpack_dual(out)
-        tangent = torch.cat(tangents)
-        return fwAD.make_dual(value.detach(), tangent if existing is None else existing + tangent)
+            block_outs = tree_flatten(func(*a, **kw))[0]
+            for i in out_rows:
+                tangent = fwAD.unpack_dual(block_outs[i]).tangent
+                tangents[i].append(torch.zeros_like(primal(block_outs[i])) if tangent is None else tangent)
+        for i, r in out_rows.items():
+            value, existing = fwAD.unpack_dual(outs[i])
+            tangent = torch.cat(tangents[i], dim=r.dim)
+            outs[i] = fwAD.make_dual(value.detach(), tangent if existing is None else existing + tangent)
+        return tree_unflatten(outs, out_spec)
 
     def _guess_point(self, func, args, kwargs, params: list[Tensor], rows: Rows, shape: Any) -> Any:
         """An op where trainable parameters (or what was computed from them alone) meet the batch: run it on their
@@ -383,3 +432,9 @@ class GuessingMode(TorchFunctionMode):
         step.add_record(record, guessed=bool(record.outputs))
         step.handle.captured(name, record, None)
         return tree_unflatten(leaves, spec)
+
+
+def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """``torch._weight_norm`` by its definition, ``v · g / ‖v‖`` (norms over every dim but ``dim``): the fused
+    kernel has no forward-AD formula on the CPU."""
+    return v * (g / torch.norm_except_dim(v, 2, dim))

@@ -31,6 +31,20 @@ def along(d: Tensor, rows: tuple[int, int], like: Tensor) -> Tensor:
     return d.reshape(shape).to(like.dtype)
 
 
+def pull_back(source: Tensor, params: tuple[Tensor, ...], grad: Tensor) -> tuple[Tensor | None, ...]:
+    """``∂<grad, source>/∂params`` through the parameter-only ops that made ``source`` (its reverse graph is kept,
+    as another estimate may read it too). During a guessing forward the parameters are frozen: briefly not here."""
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        with own_autograd():
+            return torch.autograd.grad(source, params, grad, retain_graph=True, allow_unused=True)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 @dataclass
 class Record:
     """One call of a guess point: its module, its trainable parameters (by local name) and its positional inputs
@@ -61,9 +75,12 @@ class ActivationRecord(Record):
 @dataclass
 class WeightRecord(Record):
     """Weight-space guesses: ``stacks[name]`` holds the ``V`` of each of the ``K`` guess blocks (``[K, *shape]``; a
-    view of one ``V`` when the blocks share it). The estimate is ``(Σ_b d_b) V``, averaged over the blocks."""
+    view of one ``V`` when the blocks share it). The estimate is ``(Σ_b d_b) V``, averaged over the blocks. With
+    ``source`` (a tensor computed from the parameters alone, e.g. a normed weight), ``stacks["source"]`` perturbs it,
+    and its estimate is pulled back to ``params`` exactly by autograd."""
 
     stacks: dict[str, Tensor] | None = None
+    source: Tensor | None = None
 
     @property
     def tangents(self) -> list[dict[str, Tensor]]:
@@ -74,8 +91,15 @@ class WeightRecord(Record):
     def estimate(self, d: Tensor, grad_rep: Tensor, k: int, internal: Internal) -> dict[str, Tensor]:
         per_block = d.reshape(k, -1).sum(1)
         if k == 1:  # one weight-sized pass
-            return {n: per_block[0] * self.stacks[n][0] for n in self.params}
-        return {n: torch.tensordot(per_block.to(v.dtype), v, dims=1) / k for n, v in self.stacks.items()}
+            est = {n: per_block[0] * v[0] for n, v in self.stacks.items()}
+        else:
+            est = {n: torch.tensordot(per_block.to(v.dtype), v, dims=1) / k for n, v in self.stacks.items()}
+        if self.source is None:
+            return est
+        names, params = zip(*self.params.items(), strict=True)
+        with internal():
+            pulled = pull_back(self.source, params, est["source"])
+        return {n: g for n, g in zip(names, pulled, strict=True) if g is not None}
 
 
 @dataclass
@@ -134,8 +158,7 @@ class OpRecord(Record):
             for source, params, g in zip(self.sources, self.source_params, grads, strict=True):
                 if g is None:
                     continue
-                pulled = [g] if len(params) == 1 and params[0] is source else torch.autograd.grad(
-                    source, params, g, retain_graph=True, allow_unused=True)
+                pulled = [g] if len(params) == 1 and params[0] is source else pull_back(source, params, g)
                 for p, gp in zip(params, pulled, strict=True):
                     if gp is not None:
                         key = keys[id(p)]

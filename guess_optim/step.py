@@ -194,7 +194,8 @@ class GuessingStep:
         for t in params:
             for p in (t,) if id(t) in self.trainable else (self.tracker.derived(t) or ()):
                 used.append(names.get(id(p), "?"))
-        return f"{getattr(func, '__name__', func)!s}({', '.join(dict.fromkeys(used))})"
+        params_text = ", ".join(dict.fromkeys(used))
+        return params_text if func is None else f"{getattr(func, '__name__', func)!s}({params_text})"
 
     def enter_module(self, module: nn.Module, args: tuple) -> None:
         """Pre-hook of a fast-path module: a guess point if it reads the batch (``PromptTokens`` always); else its
@@ -297,8 +298,9 @@ class GuessingStep:
         if tangent is None:
             return None
         entry = self.tracker.batch(args[0])
-        self.input_tangents.append((module, tangent, entry[0] if entry else Rows(), args[0].shape))
-        return (x.detach(), *args[1:])  # detached: see contexts.primal
+        rows = entry[0] if entry else Rows()
+        self.input_tangents.append((module, tangent, rows, args[0].shape))
+        return (self.tracker.mark(x.detach(), rows, False), *args[1:])  # detached: see contexts.primal
 
     def add_output_tangent(self, module: nn.Module, output: Tensor) -> Tensor | None:
         if not self.input_tangents or self.input_tangents[-1][0] is not module:

@@ -5,14 +5,13 @@ The reference is computed independently: plain autograd on a deep copy of the mo
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from guess_optim import attach
+from guess_optim import attach, handle_of
 
 # an averaged estimate of N guesses has a relative error of order sqrt(n / N) (n: the guessed dimensions per example);
 # the tests pick N so that these hold with a wide margin, and print the numbers when they do not
@@ -21,9 +20,11 @@ RATIO = (0.93, 1.07)
 
 
 def backprop(model: nn.Module, run: Callable[[nn.Module], torch.Tensor], inputs: dict | None = None) -> dict:
-    """``{name: gradient}`` of every trainable parameter (and of each tensor in ``inputs``), by plain autograd on a
-    deep copy of ``model``; a parameter the loss does not reach is ``None``."""
-    ref = copy.deepcopy(model)
+    """``{name: gradient}`` of every trainable parameter (and of each tensor in ``inputs``), by plain autograd
+    (``torch.autograd.grad``: ``p.grad`` untouched) on ``model`` with nothing attached; a parameter the loss does not
+    reach is ``None``."""
+    assert handle_of(model) is None
+    ref = model
     named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
     extra = list((inputs or {}).items())
     leaves = [t for _, t in named] + [t for _, t in extra]
