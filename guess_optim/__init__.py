@@ -5,6 +5,7 @@ measure the directional derivative with forward-mode AD, and write the estimate 
 """
 
 from .attach import attach, handle_of
+from .check import CheckReport, check
 from .errors import GraphError, GuessingNotSupportedError, NonFiniteEstimateWarning
 from .estimators import METHODS, Estimator, get_estimator, register_estimator, unregister_estimator
 from .handle import GuessHandle
@@ -17,6 +18,7 @@ from .trainer import GuessedGradientTrainer
 __all__ = [
     "GUESS_POINT_TYPES",
     "METHODS",
+    "CheckReport",
     "Estimator",
     "GraphError",
     "GuessHandle",
@@ -28,6 +30,7 @@ __all__ = [
     "Site",
     "StableAdamW",
     "attach",
+    "check",
     "get_estimator",
     "handle_of",
     "register_estimator",

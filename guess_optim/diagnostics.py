@@ -87,7 +87,8 @@ def read_grads(model: nn.Module) -> dict[str, Tensor | None]:
     }
 
 
-def backprop_gradient(model: nn.Module, batch: tuple[Any, Any], loss_fn: LossFn) -> dict[str, Tensor]:
+def backprop_gradient(model: nn.Module, batch: tuple[Any, Any], loss_fn: LossFn, *,
+                      missing_as_none: bool = False) -> dict[str, Tensor | None]:
     """The exact gradient ``∂loss_fn(model(inputs), targets)/∂θ`` by backprop, without touching ``p.grad``.
 
     Args:
@@ -95,6 +96,7 @@ def backprop_gradient(model: nn.Module, batch: tuple[Any, Any], loss_fn: LossFn)
         batch: ``(inputs, targets)``; ``inputs`` is passed to the model as is (a tensor, or a tuple of positional
             arguments).
         loss_fn: ``loss_fn(output, targets) -> scalar tensor``.
+        missing_as_none: ``None`` (not zeros) for a parameter the loss does not depend on. (default: ``False``)
 
     Returns:
         ``{parameter name: gradient}`` for every trainable parameter (zeros where the loss does not depend on it).
@@ -105,7 +107,8 @@ def backprop_gradient(model: nn.Module, batch: tuple[Any, Any], loss_fn: LossFn)
     with ctx, torch.enable_grad():
         loss = _loss(model, batch, loss_fn)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return {n: (torch.zeros_like(p) if g is None else g) for n, p, g in zip(names, params, grads, strict=True)}
+    return {n: (g if g is not None or missing_as_none else torch.zeros_like(p))
+            for n, p, g in zip(names, params, grads, strict=True)}
 
 
 def guessed_gradient(
