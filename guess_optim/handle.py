@@ -101,13 +101,15 @@ class GuessHandle:
     # ----------------------------------------------------------------------------------------------- lifecycle
     def _install(self) -> None:
         add, model = self._hooks.append, self.model
+        add(model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
         for m in self.layout.product_modules:
             # prepended: the output's tangent must be in place before the guess-point hook reads it
             add(m.register_forward_pre_hook(self._on_product_pre))
             add(m.register_forward_hook(self._on_product_post, prepend=True))
         for m in self.guess_points:
-            # prepended: whether this call reads the batch is decided on its inputs as the caller passed them
-            add(m.register_forward_pre_hook(self._on_fast_pre, prepend=True))
+            # prepended: whether this call reads the batch is decided on its inputs as the caller passed them (but
+            # after the step opens, when the model is itself a guess point)
+            add(m.register_forward_pre_hook(self._on_fast_pre, prepend=m is not model))
             add(m.register_forward_hook(self._on_guess_point, always_call=True))
         for m in self.layout.frozen_norms:
             add(m.register_forward_hook(self._on_frozen_norm))
@@ -115,8 +117,7 @@ class GuessHandle:
             add(self.head.register_forward_hook(self._on_boundary))
         # Runs even when forward raises, so the dual level and the contexts never stay open.
         add(model.register_forward_hook(self._on_root_post, always_call=True))
-        # First of all pre-hooks, also when the model is itself a guess point (a single layer).
-        add(model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True, prepend=True))
+
         self._forward = model.__dict__.get("forward")
         if self._forward is None:
             self._forward = model.forward

@@ -192,10 +192,16 @@ class GuessingMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        step = self.step
         if not torch.is_grad_enabled():  # the model's own no_grad region: constants, as in backprop
             args, kwargs = tree_map(primal, (args, kwargs))
-            return func(*args, **kwargs)
-        step = self.step
+            out = func(*args, **kwargs)
+            if not step.closed and not step.handle._internal:  # still the batch's values (not its tangents)
+                entry = next((e for t in _tensors(args, kwargs) for e in (self.tracker.batch(t),) if e), None)
+                if entry is not None:
+                    for o in tree_flatten(out)[0]:
+                        self.tracker.mark(o, entry[0], False)
+            return out
         if (step.closed or step.handle._internal or func in _METADATA or func in _METADATA_GETTERS
                 or _name(func) in _ENGINE):
             return func(*args, **kwargs)
@@ -311,6 +317,8 @@ class GuessingMode(TorchFunctionMode):
             record = WeightRecord(None, {"weight": p}, (), stacks={"weight": v.expand(step.k, *v.shape)})
             step.add_record(record)
             step.handle.captured(step.op_name(None, [p]), record, None)
+        if step.replaying:
+            return t
         u = torch.zeros_like(t, requires_grad=True)
         frozen = [p for p in sources if not p.requires_grad]  # trainable parameters are frozen during the forward
         for p in frozen:

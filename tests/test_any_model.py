@@ -17,16 +17,15 @@ from unbiased import averaged, backprop, compare
 
 from guess_optim import GuessingNotSupportedError, attach
 
-torch.set_default_dtype(torch.float64)  # module-level: restored by the fixture below
 
-
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _float64_one_thread():
-    n = torch.get_num_threads()
+    n, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
     yield
     torch.set_num_threads(n)
-    torch.set_default_dtype(torch.float32)
+    torch.set_default_dtype(dtype)
 
 
 def data(batch=3, features=5, classes=3, seed=0):
