@@ -13,11 +13,12 @@ from .handle import ATTR, GuessHandle
 from .layout import GUESS_POINT_TYPES, unsupported_parameters  # noqa: F401  (GUESS_POINT_TYPES: docs)
 from .nonfinite import NONFINITE_POLICIES
 
-__all__ = ["RAW_PARAMETERS", "STORES", "attach", "handle_of"]
+__all__ = ["COMBINES", "RAW_PARAMETERS", "STORES", "attach", "handle_of"]
 
 RAW_PARAMETERS = ("guess", "directional", "error")
 """What to do with trainable parameters outside the fast-path modules (``raw_parameters=`` of :func:`attach`)."""
 STORES = ("activations", "recompute")
+COMBINES = ("mean", "project")
 """What a step keeps between its forward and its backward (``store=`` of :func:`attach`)."""
 
 
@@ -37,6 +38,7 @@ def attach(
     on_nonfinite: str = "skip",
     store: str = "activations",
     raw_parameters: str = "guess",
+    combine: str = "mean",
     **options: Any,
 ) -> GuessHandle:
     """Train ``model`` with guessed gradients: an unchanged ``loss.backward()`` writes the estimate to ``p.grad``.
@@ -86,6 +88,13 @@ def attach(
             parameter-only ops before it); ``"directional"`` gives them a weight-space guess ``V ~ N(0, I)`` per use
             (shared by the ``num_guesses`` blocks) for every method; ``"error"`` refuses them at attach time.
             (default: ``"guess"``)
+        combine: how the ``num_guesses=K`` guesses of a step combine: ``"mean"`` averages their estimates (unbiased
+            for unbiased guesses); ``"project"`` gives each example the projection of its gradient onto the span of its
+            ``K`` guesses, ``V (VᵀV)⁺ d_b`` over all its guessed coordinates (Flügel et al., "Beyond Backpropagation:
+            Optimization with Multi-Tangent Forward Gradients", IJCNN 2025). With isotropic guesses the projection
+            averages to ``(K / n) ∇L``, ``n`` the guessed coordinates per example: multiply by ``n / K`` for an unbiased
+            estimate, or raise the learning rate accordingly (10–100x in the reference's tuning). Needs
+            ``store="activations"``. (default: ``"mean"``)
         **options: the estimator's own options, e.g. ``power=`` of ``"wt"`` (also ``wt_power=``), ``layers=`` and
             ``distribution=`` of ``"downstream"`` (also ``downstream_layers=``). See each class in
             :mod:`guess_optim.estimators`.
@@ -111,6 +120,10 @@ def attach(
     check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
     check_choice("store", store, STORES)
     check_choice("raw_parameters", raw_parameters, RAW_PARAMETERS)
+    check_choice("combine", combine, COMBINES)
+    if combine == "project" and store != "activations":
+        raise ValueError("combine='project' needs store='activations' (the Gram matrix of the guesses is formed "
+                         "before the estimates; the recompute replay regenerates the guesses only then)")
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
     else:
@@ -127,7 +140,8 @@ def attach(
                 "freeze them (requires_grad_(False)), or use method='backprop'."
             )
     return GuessHandle(model, estimator, seed=int(seed), exact_head=exact_head, num_guesses=int(num_guesses),
-                       head=head, on_nonfinite=on_nonfinite, store=store, raw_parameters=raw_parameters)
+                       head=head, on_nonfinite=on_nonfinite, store=store, raw_parameters=raw_parameters,
+                       combine=combine)
 
 
 def _check_model(model: nn.Module, head: nn.Module | None) -> None:

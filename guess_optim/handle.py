@@ -49,6 +49,7 @@ class GuessHandle:
         exact_head: whether the output layer gets its exact gradient.
         head: the module whose output ends the guessing region (the model itself by default).
         store: ``"activations"`` or ``"recompute"``.
+        combine: how the ``num_guesses`` guesses combine: ``"mean"`` or ``"project"``.
         guess_points: the modules that draw a guess.
         skipped_steps: number of backward passes whose estimate was not finite and was not written.
         last_step_skipped: whether the most recent backward's estimate was not finite (and so not written,
@@ -56,7 +57,8 @@ class GuessHandle:
     """
 
     def __init__(self, model: nn.Module, estimator: Estimator, *, seed: int, exact_head: bool, num_guesses: int,
-                 head: nn.Module | None, on_nonfinite: str, store: str, raw_parameters: str):
+                 head: nn.Module | None, on_nonfinite: str, store: str, raw_parameters: str,
+                 combine: str = "mean"):
         self.model = model
         self.estimator = estimator
         self.seed = seed
@@ -65,6 +67,7 @@ class GuessHandle:
         self.head = head if head is not None else model
         self.store = store
         self.raw_parameters = raw_parameters
+        self.combine = combine
         self.layout = Layout.of(model)
         self.param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self.names = self.layout.names

@@ -17,7 +17,10 @@ from .contexts import own_autograd
 from .graph import Edge
 from .local_grad import Internal, local_vjp
 
-__all__ = ["ActivationRecord", "ExactHeadRecord", "InputRecord", "OpRecord", "Record", "Slot", "WeightRecord", "along"]
+__all__ = [
+    "ActivationRecord", "ExactHeadRecord", "InputRecord", "OpRecord", "Record", "Slot", "WeightRecord", "along",
+    "example_gram",
+]
 
 
 def along(d: Tensor, rows: tuple[int, int], like: Tensor) -> Tensor:
@@ -45,6 +48,15 @@ def pull_back(source: Tensor, params: tuple[Tensor, ...], grad: Tensor) -> tuple
             p.requires_grad_(False)
 
 
+def example_gram(u: Tensor, rows: tuple[int, int], k: int, batch: int) -> Tensor:
+    """``[B, K, K]`` inner products of the ``K`` guesses of each example, from guesses ``u`` laid out as ``rows``."""
+    dim, fold = rows
+    if dim:
+        u = u.movedim(dim, 0)
+    per = u.reshape(k, batch, -1)  # rows are K blocks of the batch (a folded example's rows stay together)
+    return torch.einsum("jbn,lbn->bjl", per, per)
+
+
 @dataclass
 class Record:
     """One call of a guess point: its module, its trainable parameters (by local name) and its positional inputs
@@ -58,6 +70,11 @@ class Record:
         """``{local name: estimate}`` of this call's parameters, averaged over the ``k`` guesses."""
         raise NotImplementedError
 
+    def gram(self, k: int, batch: int) -> Tensor | None:
+        """``[B, K, K]``: per example, the inner products of its ``K`` guesses over this record's coordinates
+        (``combine="project"``); ``None`` when it draws none."""
+        return None
+
 
 @dataclass
 class ActivationRecord(Record):
@@ -70,6 +87,9 @@ class ActivationRecord(Record):
         u = self.guess
         scale = d / k if k > 1 else d  # averaging the K guesses, folded into d_b (no weight-sized division)
         return local_vjp(self.module, self.params, self.inputs, u * along(scale, self.rows, u), internal)
+
+    def gram(self, k: int, batch: int) -> Tensor | None:
+        return example_gram(self.guess, self.rows, k, batch)
 
 
 @dataclass
@@ -100,6 +120,14 @@ class WeightRecord(Record):
         with internal():
             pulled = pull_back(self.source, params, est["source"])
         return {n: g for n, g in zip(names, pulled, strict=True) if g is not None}
+
+    def gram(self, k: int, batch: int) -> Tensor | None:
+        total = None
+        for v in self.stacks.values():  # one V per block, the same for every example of the block
+            flat = v.reshape(k, -1)
+            g = (flat @ flat.T).expand(batch, k, k)
+            total = g if total is None else total + g
+        return total
 
 
 @dataclass
@@ -165,6 +193,10 @@ class OpRecord(Record):
                         out[key] = gp if key not in out else out[key] + gp
         return out
 
+    def gram(self, k: int, batch: int) -> Tensor | None:
+        grams = [example_gram(u, r, k, batch) for u, r in zip(self.guesses, self.rows, strict=True)]
+        return sum(grams[1:], grams[0]) if grams else None
+
 
 @dataclass
 class InputRecord(Record):
@@ -176,3 +208,6 @@ class InputRecord(Record):
     def estimate(self, d: Tensor, grad_rep: Tensor, k: int, internal: Internal) -> dict[str, Tensor]:
         g = self.guess * along(d / k if k > 1 else d, (0, 1), self.guess)
         return {"input": g.reshape(k, -1, *g.shape[1:]).sum(0) if k > 1 else g}
+
+    def gram(self, k: int, batch: int) -> Tensor | None:
+        return example_gram(self.guess, (0, 1), k, batch)

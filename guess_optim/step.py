@@ -333,6 +333,12 @@ class GuessingStep:
             key = id(record.params[name])
             self.grads[key] = g if key not in self.grads else self.grads[key] + g
 
+    def _projected(self, d: Tensor) -> Tensor:
+        grams = [g for g in (r.gram(self.k, self.batch) for r in self.records) if g is not None]
+        if not grams:
+            return d
+        return _project(d, sum(grams[1:], grams[0]), self.k)
+
     def estimate(self) -> list[Tensor | None]:
         """The estimate of every parameter (and input needing grad) of the step, from the collected ``∂L/∂z``;
         ``None`` where there is none. Called by :class:`~guess_optim.boundary.Estimate` in ``backward()``."""
@@ -347,6 +353,8 @@ class GuessingStep:
             if index == 0:
                 self.grad_rep = rep
         self.d = d if d is not None else next(iter(self.params.values())).new_zeros(self.rows)
+        if self.handle.combine == "project":
+            self.d = self._projected(self.d)
         if self.handle.store == "recompute":
             from .replay import replay
 
@@ -358,6 +366,16 @@ class GuessingStep:
         out = [self.grads.get(id(p)) for p in params]
         self.records, self.grads, self.saved, self.grad_z = [], {}, None, {}
         return self.handle.nonfinite.apply(self.d, out, params)
+
+
+def _project(d: Tensor, gram: Tensor, k: int) -> Tensor:
+    """``K · G_b⁺ d_b`` per example (``d`` of ``K`` blocks of ``B`` rows; ``gram`` ``[B, K, K]``): the coefficients
+    of the projection of each example's gradient onto the span of its ``K`` guesses (Flügel et al. 2025), times
+    ``K`` because the records average over the blocks."""
+    batch = gram.shape[0]
+    rhs = d.reshape(k, batch).T.unsqueeze(-1).to(gram.dtype)  # [B, K, 1]
+    coeffs = torch.linalg.lstsq(gram, rhs, driver="gelsd" if gram.device.type == "cpu" else None).solution
+    return (k * coeffs.squeeze(-1)).T.reshape(-1).to(d.dtype)
 
 
 def _batch_inputs(handle: GuessHandle, args: tuple, kwargs: dict) -> tuple[int, tuple, dict, dict[int, Tensor]]:
