@@ -32,6 +32,7 @@ What is found for common blocks (see ``tests/test_graph.py``):
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["BOUNDARY", "Chain", "Edge", "Graph", "GraphCache", "GraphError", "discover", "out_of_place"]
+__all__ = ["BOUNDARY", "Chain", "Edge", "Graph", "GraphError", "OpNode", "discover", "op_key", "out_of_place"]
 
 BOUNDARY = "<boundary>"
 """Consumer name of an edge that leaves the guessing region (the model's or the head's output)."""
@@ -142,13 +143,40 @@ class Chain:
 
 @dataclass(frozen=True)
 class Edge:
-    """``consumer`` (a module, or :data:`BOUNDARY`) consumes ``chain(output of the producer)``, a tensor of shape
-    ``shape`` and dtype ``dtype`` (as seen at discovery)."""
+    """``consumer`` (a module, an :class:`OpNode`, or :data:`BOUNDARY`) consumes ``chain(output of the producer)``, a
+    tensor of shape ``shape`` and dtype ``dtype`` (as seen at discovery). ``call(x)`` evaluates the consumer on ``x``
+    (for an op node: the op with ``x`` where this producer's value went)."""
 
-    consumer: nn.Module | str
+    consumer: Any
     chain: Chain
     shape: tuple[int, ...] | None = None
     dtype: torch.dtype | None = None
+    call: Callable[[Tensor], Tensor] | None = None
+
+    def consume(self, x: Tensor) -> Tensor:
+        """The consumer's output for input ``x``."""
+        return self.call(x) if self.call is not None else self.consumer(x)
+
+
+def op_key(func: Callable, sources: tuple[int, ...]) -> tuple:
+    """What identifies an op-level guess point across forwards (with its occurrence number): the op and the trainable
+    parameters it reads, directly or through parameter-only ops."""
+    return (_op_name(func), tuple(sorted(set(sources))))
+
+
+@dataclass(eq=False)
+class OpNode:
+    """A guess point at one op that reads trainable parameters outside the fast-path modules (found by
+    :func:`discover`; DESIGN §4b.1): a node of the graph like a module, keyed by :func:`op_key` and its occurrence."""
+
+    key: tuple
+    name: str
+
+    def replay(self, template: tuple, x: Tensor) -> Tensor:
+        """The op's first output with ``x`` in the slot of the template ``(func, args, kwargs)``."""
+        func, args, kwargs = template
+        out = func(*_fill(args, x, x, {}), **_fill(kwargs, x, x, {}))
+        return out if isinstance(out, Tensor) else next(o for o in tree_flatten(out)[0] if isinstance(o, Tensor))
 
 
 @dataclass
@@ -159,11 +187,13 @@ class Graph:
         edges: ``module → list of edges``; a module absent from the map was not called.
         names: ``module → qualified name`` in the model, for messages.
         calls: ``module → number of calls`` in the traced forward.
+        op_nodes: ``(op_key, occurrence) → OpNode``: the op-level guess points that read a followed tensor.
     """
 
-    edges: dict[nn.Module, list[Edge]] = field(default_factory=dict)
-    names: dict[nn.Module, str] = field(default_factory=dict)
-    calls: dict[nn.Module, int] = field(default_factory=dict)
+    edges: dict[Any, list[Edge]] = field(default_factory=dict)
+    names: dict[Any, str] = field(default_factory=dict)
+    calls: dict[Any, int] = field(default_factory=dict)
+    op_nodes: dict[tuple, OpNode] = field(default_factory=dict)
 
     @property
     def volatile(self) -> bool:
@@ -192,12 +222,62 @@ class Graph:
 class _Tracer(TorchFunctionMode):
     """Follows tensors produced by tracked modules through parameter-free ops."""
 
-    def __init__(self, constants: set[int]):
+    def __init__(self, constants: set[int], trainable: set[int] = frozenset(), graph: Graph | None = None):
         super().__init__()
         self.constants = constants  # ids of parameters and buffers
+        self.trainable = trainable  # ids of the trainable parameters (op-level guess points read them)
+        self.graph = graph
         # weak references: the traced forward's intermediate tensors die as they would in a plain forward
         self.tracked: dict[int, tuple[weakref.ref, dict[nn.Module, Chain]]] = {}
+        self.derived: dict[int, tuple[weakref.ref, tuple[int, ...]]] = {}  # computed from trainable parameters alone
+        self.counts: dict[tuple, int] = {}
+        self.param_names: dict[int, str] = {}
         self.inside = 0
+
+    def _sources(self, leaves: list) -> tuple[int, ...]:
+        out: dict[int, None] = {}
+        for t in leaves:
+            if not isinstance(t, Tensor):
+                continue
+            if id(t) in self.trainable:
+                out[id(t)] = None
+            entry = self.derived.get(id(t))
+            if entry is not None and entry[0]() is t:
+                out.update(dict.fromkeys(entry[1]))
+        return tuple(out)
+
+    def _op_node(self, func, args, kwargs, leaves, followed, sources) -> Any:
+        """An op reading trainable parameters and a followed tensor: an :class:`OpNode`, the next node of every origin
+        followed into it; its output is followed from it."""
+        key = op_key(func, sources)
+        n = self.counts.get(key, 0)
+        self.counts[key] = n + 1
+        graph = self.graph
+        node = graph.op_nodes.get((key, n))
+        if node is None:
+            params = ", ".join(sorted(self.param_names.get(i, "?") for i in key[1]))
+            node = graph.op_nodes[(key, n)] = OpNode((key, n), f"{_op_name(func)}({params})" + (f"#{n}" if n else ""))
+            graph.names[node] = node.name
+        fn, fn_kwargs, _ = out_of_place(func, kwargs)
+        for origin in {o for t in followed for o in self.origins(t)}:
+            mine = [t for t in followed if origin in self.origins(t)]
+            slots = {id(t): _SLOT for t in mine}
+            template = tree_map(lambda a, slots=slots: slots.get(id(a), a if id(a) in self.constants else (
+                a.detach() if isinstance(a, Tensor) else a)) if isinstance(a, Tensor) else a, (args, fn_kwargs))
+            volatile = any(isinstance(a, Tensor) and id(a) not in self.constants and id(a) not in slots for a in leaves)
+            chain = self.origins(mine[0])[origin]
+            chain = Chain(chain.ops, chain.volatile or volatile)
+            graph.edges.setdefault(origin, []).append(
+                Edge(node, chain, tuple(mine[0].shape), mine[0].dtype,
+                     call=functools.partial(node.replay, (fn, *template))))
+        out = func(*args, **kwargs)
+        graph.edges.setdefault(node, [])
+        graph.calls[node] = graph.calls.get(node, 0) + 1
+        first = out if isinstance(out, Tensor) else next((o for o in tree_flatten(out)[0] if isinstance(o, Tensor)),
+                                                          None)
+        if first is not None:
+            self.track(first, {node: Chain()})
+        return out
 
     def _template(self, slots: dict[int, Any], snapshot: dict[int, Tensor]) -> Callable[[Any], Any]:
         def template(a):
@@ -224,6 +304,16 @@ class _Tracer(TorchFunctionMode):
             return func(*args, **kwargs)
         leaves, _ = tree_flatten((args, kwargs))
         followed = [t for t in leaves if self.origins(t)]
+        sources = self._sources(leaves) if self.trainable else ()
+        if sources and all(not isinstance(t, Tensor) or id(t) in self.constants or id(t) in self.derived
+                           for t in leaves):  # parameter-only: remember which parameters it reads
+            out = func(*args, **kwargs)
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, Tensor):
+                    self.derived[id(o)] = (weakref.ref(o), sources)
+            return out
+        if sources and self.graph is not None:  # where parameters meet the batch: an op-level guess point
+            return self._op_node(func, args, kwargs, leaves, followed, sources)
         if not followed:
             return func(*args, **kwargs)
         replay_func, replay_kwargs, inplace = out_of_place(func, kwargs)
@@ -315,6 +405,7 @@ def discover(
     modules: Iterable[nn.Module],
     boundary: nn.Module,
     sources: Iterable[nn.Module] | None = None,
+    trainable: Iterable[Tensor] = (),
 ) -> Graph:
     """Run ``run_forward()`` once under a tracer and return the edges between ``modules``.
 
@@ -329,14 +420,17 @@ def discover(
         sources: the modules whose outputs are followed (default: all of ``modules``). Only they get edges; the
             outputs of the others are operands like any activation. Following fewer modules keeps fewer
             activations captured (a frozen backbone's layers need no edges when only prompts are guessed).
+        trainable: the trainable parameters: an op that reads one of them (directly, or through parameter-only ops)
+            and a followed tensor becomes an :class:`OpNode`, the op-level guess point of the guessing forward.
 
     Returns:
         The :class:`Graph`.
     """
     modules = list(modules)
     constants = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-    tracer = _Tracer(constants)
     graph = Graph(names={m: n for n, m in model.named_modules()})
+    tracer = _Tracer(constants, {id(p) for p in trainable}, graph)
+    tracer.param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     if boundary is model:
         graph.names.setdefault(model, "<root>")
     graph.names[model] = graph.names.get(model) or "<root>"
@@ -374,66 +468,3 @@ def discover(
             h.remove()
     return graph
 
-
-class GraphCache:
-    """The graphs of one attached model, discovered once per input signature (shapes, dtypes, device types).
-
-    A volatile graph (captured activations) is valid for its batch only: it is returned but not kept.
-
-    Args:
-        model: the attached model.
-        modules: the tracked modules (guess points and the modules that may consume their outputs).
-        boundary: the module whose output ends the guessing region.
-        sources: the modules whose outputs are followed (``None``: all of ``modules``).
-        internal: a context manager factory under which the engine's own forwards run (hooks stand aside).
-        max_size: graphs kept at most (the oldest is dropped first). (default: 8)
-    """
-
-    def __init__(self, model: nn.Module, modules: Iterable[nn.Module], boundary: nn.Module,
-                 sources: Iterable[nn.Module] | None, internal: Callable[[], Any], max_size: int = 8):
-        self.model = model
-        self.modules = list(modules)
-        self.boundary = boundary
-        self.sources = None if sources is None else list(sources)
-        self.internal = internal
-        self.max_size = max_size
-        self._graphs: dict[tuple, Graph] = {}
-
-    def get(self, args: tuple, kwargs: dict) -> Graph:
-        """The graph of the model's forward on these inputs: cached, or discovered by one traced forward run with the
-        global RNG forked and buffers restored after (the extra forward leaves no trace)."""
-        from .contexts import parameters_frozen
-
-        leaves = tree_flatten((args, kwargs))[0]
-        key = tuple((tuple(t.shape), t.dtype, t.device.type) if isinstance(t, Tensor) else type(t) for t in leaves)
-        graph = self._graphs.get(key)
-        if graph is not None:
-            return graph
-        model = self.model
-        buffers = [b.detach().clone() for b in model.buffers()]
-        devices = sorted({t.device.index or 0 for t in leaves if isinstance(t, Tensor) and t.device.type == "cuda"})
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        try:
-            with self.internal(), torch.random.fork_rng(devices=devices), parameters_frozen(model, trainable):
-                graph = discover(model, lambda: model(*args, **kwargs), self.modules, self.boundary, self.sources)
-        finally:
-            with torch.no_grad():
-                for b, saved in zip(model.buffers(), buffers, strict=True):
-                    b.copy_(saved)
-        if not graph.volatile:  # a volatile graph holds this batch's activations: rediscover every step
-            if len(self._graphs) >= self.max_size:
-                self._graphs.pop(next(iter(self._graphs)))
-            self._graphs[key] = graph
-        return graph
-
-    @staticmethod
-    def uses(graph: Graph | None, guess_points: Iterable[nn.Module], exact_head: bool) -> dict[nn.Module, int] | None:
-        """For a volatile graph: how many guess-point calls will read it (those with next modules, and the head's
-        with ``exact_head``), so that a step can drop it, and the activations it captured, after the last."""
-        if graph is None or not graph.volatile:
-            return None
-        return {m: graph.calls.get(m, 0) for m in guess_points
-                if graph.next_edges(m) or (exact_head and graph.boundary_edges(m))}
-
-    def clear(self) -> None:
-        self._graphs.clear()

@@ -20,7 +20,8 @@ from ._rng import capture_rng, cuda_devices
 from .contexts import primal
 from .errors import GuessingNotSupportedError
 from .estimators import Estimator
-from .graph import Graph, GraphCache
+from .graph import Graph
+from .graph_cache import GraphCache
 from .layout import Layout
 from .nonfinite import NonFinitePolicy
 from .records import Record
@@ -206,7 +207,7 @@ class GuessHandle:
         guesses = getattr(record, "guesses", None)
         guess = getattr(record, "guess", None) if not guesses else guesses[0]
         tangents = getattr(record, "tangents", None)
-        nexts = [self.names[e.consumer] for e in graph.next_edges(module)] if (
+        nexts = [graph.names[e.consumer] for e in graph.next_edges(module)] if (
             graph is not None and module is not None and guess is not None and self.estimator.needs is not None) else []
         self._captured.append({"module": name, "guess": guess, "tangents": tangents, "next_modules": nexts})
 

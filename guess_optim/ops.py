@@ -409,6 +409,8 @@ class GuessingMode(TorchFunctionMode):
         leaves, spec = tree_flatten(out)
         record = OpRecord(None, {}, (), func=fn, args=template[0], kwargs=template[1], sources=sources,
                           source_params=[(t,) if id(t) in step.trainable else tracker.derived(t) for t in sources])
+        node, edges = step.op_site(func, tuple(dict.fromkeys(id(p) for ps in record.source_params for p in ps)))
+        graph = step.graph
         for i, o in enumerate(leaves):
             if not isinstance(o, Tensor) or not o.is_floating_point():
                 continue
@@ -421,7 +423,8 @@ class GuessingMode(TorchFunctionMode):
                     "known dim: guessed gradients need each example's values apart (dim 0 the batch; a sequence-first "
                     "tensor, e.g. nn.MultiheadAttention(batch_first=False), is the usual cause: use batch_first=True)"
                 )
-            u = step.draw_guess(o, b, name)
+            first = not record.outputs  # the graph follows an op's first output
+            u = step.draw_guess(o, b, name, node if first else None, edges if first else None)
             record.outputs.append(i)
             record.guesses.append(u)
             record.rows.append(tuple(b))
@@ -437,8 +440,10 @@ class GuessingMode(TorchFunctionMode):
                 leaves[i] = fwAD.make_dual(value, (u if tangent is None else tangent + u).to(value.dtype))
             tracker.mark(leaves[i], b, True)
         record.params = {str(j): p for j, p in enumerate(dict.fromkeys(p for ps in record.source_params for p in ps))}
+        if node is not None:
+            step.release_graph(node)
         step.add_record(record, guessed=bool(record.outputs))
-        step.handle.captured(name, record, None)
+        step.handle.captured(name, record, graph, node)
         return tree_unflatten(leaves, spec)
 
 

@@ -125,10 +125,10 @@ class Site:
                 out.append(x)
                 lifts.append(w if power == 1.0 else power_singular_values(w, power))
             elif target == "next":
-                out.append(edge.consumer(x))
+                out.append(edge.consume(x))
                 lifts.append(None)
             else:
-                y = self._downstream(edge.consumer, edge.consumer(x), layers)
+                y = self._downstream(edge.consumer, edge.consume(x), layers)
                 out.extend(y)
                 lifts.extend([None] * len(y))
         return out, lifts
@@ -147,7 +147,7 @@ class Site:
             if layers <= 1 or e.consumer is BOUNDARY:
                 out.append(x)
             else:
-                out.extend(self._downstream(e.consumer, e.consumer(x), layers - 1))
+                out.extend(self._downstream(e.consumer, e.consume(x), layers - 1))
         return out
 
     def _streamed_next_outputs(self, power: float) -> tuple[list[Tensor], Pullback] | None:

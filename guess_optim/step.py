@@ -38,7 +38,7 @@ from .boundary import Estimate, collect
 from .contexts import load_jvp_decompositions, parameters_frozen, primal
 from .errors import GuessingNotSupportedError
 from .estimators import Directional
-from .graph import Graph, GraphError
+from .graph import Graph, GraphError, op_key
 from .guesses import isotropic_guess
 from .local_grad import product_tangent, weight_space_jvp
 from .ops import GuessingMode, Rows, Tracker, from_rows, to_rows
@@ -81,7 +81,8 @@ class GuessingStep:
         self.head_called = False
         self.tracker = Tracker(self.rows)
         self.fast_active: dict[int, int] = {}  # parameters of fast-path modules being called
-        self.fast_calls: list[bool] = []  # per fast-path module call in progress: is it a guess point?
+        self.fast_calls: list[bool] = []
+        self.op_counts: dict[tuple, int] = {}  # occurrences of each op-level guess point (graph.op_nodes' keys)
         self.records: list[Record] = []
         self.params: dict[int, Tensor] = {}  # what the step may estimate: trainable parameters, inputs needing grad
         self.inputs: list[tuple[Tensor, InputRecord]] = []
@@ -194,7 +195,7 @@ class GuessingStep:
         for t in params:
             for p in (t,) if id(t) in self.trainable else (self.tracker.derived(t) or ()):
                 used.append(names.get(id(p), "?"))
-        params_text = ", ".join(dict.fromkeys(used))
+        params_text = ", ".join(sorted(set(used)))
         return params_text if func is None else f"{getattr(func, '__name__', func)!s}({params_text})"
 
     def enter_module(self, module: nn.Module, args: tuple) -> None:
@@ -230,7 +231,7 @@ class GuessingStep:
         params = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in self.trainable}
         graph = self.graph
         record, contribution = self._record(module, params, tuple(primal(a) for a in args), out, rows)
-        self._release_graph(module)
+        self.release_graph(module)
         self.handle.captured(self.handle.names[module], record, graph, module)
         self.add_record(record)
         if self.replaying or contribution is None:
@@ -284,7 +285,17 @@ class GuessingStep:
             v[:, module.padding_idx] = 0  # backprop's gradient of the padding row is zero: so is its guess
         return v
 
-    def _release_graph(self, module: nn.Module) -> None:
+    def op_site(self, func: Any, sources: tuple[int, ...]) -> tuple[Any, list]:
+        """The graph's node of an op-level guess point (:class:`~guess_optim.graph.OpNode`) and its edges to the next
+        nodes, or ``(None, [])`` when discovery did not see it (its guess is then isotropic)."""
+        key = op_key(func, sources)
+        n = self.op_counts.get(key, 0)
+        self.op_counts[key] = n + 1
+        graph = self.graph
+        node = graph.op_nodes.get((key, n)) if graph is not None else None
+        return node, (graph.next_edges(node) if node is not None else [])
+
+    def release_graph(self, module: nn.Module) -> None:
         """A volatile graph holds this batch's activations: drop it after its last reader."""
         uses = self.graph_uses
         if uses is not None and module in uses:

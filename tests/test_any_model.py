@@ -364,3 +364,34 @@ def test_input_gradients_are_estimated():
     ref = backprop(model, lambda m: F.cross_entropy(m(x), y), inputs={"x": x})
     est = averaged(model, lambda m: F.cross_entropy(m(x), y), inputs={"x": x})
     compare(est, ref)
+
+
+# ------------------------------------------------------------------------ structured guesses at op-level guess points
+class Conv1DNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c1, self.c2 = Conv1D(8, 4), Conv1D(3, 8)  # GPT-2's layers: y = x @ W + b, W of shape [in, out]
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x)))
+
+
+def test_wt_at_an_op_level_guess_point_lies_in_the_masked_row_space_of_the_next_op():
+    """Discovery finds op-level guess points and their next ops: the Wᵀ guess at the first Conv1D is ``D_b W_2 ε``
+    (GPT-2's W is [in, out]), so it lies in the span of the columns of ``D_b W_2``."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = Conv1DNet()
+    x, y = data(batch=4, features=4)
+    with attach(model, "wt", seed=0) as h, h.capture() as cap:
+        F.cross_entropy(model(x), y).backward()
+    assert [c["next_modules"] for c in cap] == [["addmm(c2.bias, c2.weight)"], []]
+    s = model.c1(x).detach()
+    u = cap[0]["guess"]
+    for b in range(4):
+        basis = (s[b] > 0).double()[:, None] * model.c2.weight.detach()  # [8, 3]: D_b W_2
+        coeffs = torch.linalg.lstsq(basis, u[b][:, None]).solution
+        torch.testing.assert_close(basis @ coeffs, u[b][:, None], rtol=1e-9, atol=1e-9)
+    assert model.c1.weight.grad is not None and model.c2.weight.grad is not None

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from unbiased import averaged, backprop, compare
 
 from guess_optim import attach
-from unbiased import averaged, backprop, compare
 
 
 @pytest.fixture(autouse=True)
@@ -56,8 +56,9 @@ def test_one_step_is_the_projection_onto_the_span_of_the_guesses():
 
 @pytest.mark.parametrize("k", [2, 4])
 def test_rescaled_projection_of_isotropic_guesses_is_unbiased(k):
-    """E[P g] = (K / n) g for isotropic guesses: times n / K, the average is backprop's gradient per parameter. The batch
-    is the 3 examples repeated 1,000 times (same mean loss, same gradient): every replica draws its own guesses."""
+    """E[P g] = (K / n) g for isotropic guesses: times n / K, the average is backprop's gradient per parameter. The
+    batch is the 3 examples repeated 1,000 times (same mean loss, same gradient): every replica draws its own
+    guesses."""
     model, x, y = model_and_data()
     reps = 1000
     xr, yr = x.repeat(reps, 1), y.repeat(reps)

@@ -1,0 +1,80 @@
+"""The graphs of an attached model, discovered once per input signature (:func:`~guess_optim.graph.discover`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from .graph import Graph, discover
+
+__all__ = ["GraphCache"]
+
+
+class GraphCache:
+    """The graphs of one attached model, discovered once per input signature (shapes, dtypes, device types).
+
+    A volatile graph (captured activations) is valid for its batch only: it is returned but not kept.
+
+    Args:
+        model: the attached model.
+        modules: the tracked modules (guess points and the modules that may consume their outputs).
+        boundary: the module whose output ends the guessing region.
+        sources: the modules whose outputs are followed (``None``: all of ``modules``).
+        internal: a context manager factory under which the engine's own forwards run (hooks stand aside).
+        max_size: graphs kept at most (the oldest is dropped first). (default: 8)
+    """
+
+    def __init__(self, model: nn.Module, modules: Iterable[nn.Module], boundary: nn.Module,
+                 sources: Iterable[nn.Module] | None, internal: Callable[[], Any], max_size: int = 8):
+        self.model = model
+        self.modules = list(modules)
+        self.boundary = boundary
+        self.sources = None if sources is None else list(sources)
+        self.internal = internal
+        self.max_size = max_size
+        self._graphs: dict[tuple, Graph] = {}
+
+    def get(self, args: tuple, kwargs: dict) -> Graph:
+        """The graph of the model's forward on these inputs: cached, or discovered by one traced forward run with the
+        global RNG forked and buffers restored after (the extra forward leaves no trace)."""
+        from .contexts import parameters_frozen
+
+        leaves = tree_flatten((args, kwargs))[0]
+        key = tuple((tuple(t.shape), t.dtype, t.device.type) if isinstance(t, Tensor) else type(t) for t in leaves)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph
+        model = self.model
+        buffers = [b.detach().clone() for b in model.buffers()]
+        devices = sorted({t.device.index or 0 for t in leaves if isinstance(t, Tensor) and t.device.type == "cuda"})
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        try:
+            with self.internal(), torch.random.fork_rng(devices=devices), parameters_frozen(model, trainable):
+                graph = discover(model, lambda: model(*args, **kwargs), self.modules, self.boundary, self.sources,
+                                 trainable)
+        finally:
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+        if not graph.volatile:  # a volatile graph holds this batch's activations: rediscover every step
+            if len(self._graphs) >= self.max_size:
+                self._graphs.pop(next(iter(self._graphs)))
+            self._graphs[key] = graph
+        return graph
+
+    @staticmethod
+    def uses(graph: Graph | None, guess_points: Iterable[nn.Module], exact_head: bool) -> dict[nn.Module, int] | None:
+        """For a volatile graph: how many guess-point calls will read it (those with next modules, and the head's
+        with ``exact_head``), so that a step can drop it, and the activations it captured, after the last."""
+        if graph is None or not graph.volatile:
+            return None
+        nodes = [*guess_points, *graph.op_nodes.values()]
+        return {m: graph.calls.get(m, 0) for m in nodes
+                if graph.next_edges(m) or (exact_head and graph.boundary_edges(m))}
+
+    def clear(self) -> None:
+        self._graphs.clear()
