@@ -167,7 +167,8 @@ def op_key(func: Callable, sources: tuple[int, ...]) -> tuple:
 @dataclass(eq=False)
 class OpNode:
     """A guess point at one op that reads trainable parameters outside the fast-path modules (found by
-    :func:`discover`; DESIGN §4b.1): a node of the graph like a module, keyed by :func:`op_key` and its occurrence."""
+    :func:`discover`; README "How it works"): a node of the graph like a module, keyed by :func:`op_key` and its
+    occurrence."""
 
     key: tuple
     name: str

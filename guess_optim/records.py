@@ -158,7 +158,7 @@ class OpRecord(Record):
     """A guess point at a single op that read trainable parameters (or tensors computed from them alone) and the
     batch: ``func(*args, **kwargs)`` with :class:`Slot` where those inputs go (``sources``). The estimate is the VJP
     of ``d_b u_b`` (at each guessed output) through that one op, pulled back to the parameters by autograd through
-    the parameter-only ops that made each source (DESIGN §4b: weight norm, parametrizations, tied weights).
+    the parameter-only ops that made each source (weight norm, parametrizations, tied weights; README "How it works").
 
     ``params`` maps a local key to each parameter the sources depend on.
     """

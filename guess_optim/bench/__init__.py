@@ -1,4 +1,4 @@
-"""Speed and memory of a guessed training step against a backprop step of the same model (DESIGN.md §7).
+"""Speed and memory of a guessed training step against a backprop step of the same model (README "Speed and memory").
 
 Everything is reported as a **ratio to backprop measured side by side in the same process**: the machines are shared
 and noisy, so an absolute time means little. ``benchmarks/README.md`` describes what is measured and how.
