@@ -16,8 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._rng import capture_rng, cuda_devices
-from .contexts import primal
 from .errors import GuessingNotSupportedError
 from .estimators import Estimator
 from .graph import Graph
@@ -236,15 +234,6 @@ class GuessHandle:
             for d, state in current.items():
                 self._generators[d].set_state(state)
 
-    def save_for_replay(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """What the second forward of ``store="recompute"`` needs: the inputs, the global RNG, the generators."""
-        from torch.utils._pytree import tree_flatten, tree_map
-
-        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.dim() > 0]
-        return {"args": tree_map(primal, args), "kwargs": tree_map(primal, kwargs),
-                "rng": capture_rng(cuda_devices(leaves[:1])),
-                "generators": {d: g.get_state() for d, g in self._generators.items()}}
-
     def state_dict(self) -> dict[str, Any]:
         """Generator states and counters, for checkpoints."""
         return {"seed": self.seed, "skipped_steps": self.skipped_steps,
@@ -281,14 +270,14 @@ class GuessHandle:
         if step is None or not torch.is_grad_enabled():
             return None
         with self.internal():
-            return step.strip_input_tangent(module, args)
+            return step.products.strip(module, args)
 
     def _on_product_post(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
         step = self._live()
         if step is None:
             return None
         with self.internal():
-            return step.add_output_tangent(module, output)
+            return step.products.add(module, output)
 
     def _on_fast_pre(self, module: nn.Module, args: tuple) -> None:
         step = self._live()
@@ -310,7 +299,7 @@ class GuessHandle:
         if step is None:
             return None
         with self.internal():
-            return step.match_tangent_dtype(output)
+            return step.products.match_dtype(output)
 
     def _on_boundary(self, module: nn.Module, args: tuple, output: Any) -> Any:
         step = self._live()

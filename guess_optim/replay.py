@@ -3,20 +3,30 @@ guess and forms its estimate at once, so no activation outlives its layer (the m
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_flatten, tree_map
 
-from ._rng import replayed_rng
-from .contexts import parameters_frozen
+from ._rng import capture_rng, cuda_devices, replayed_rng
+from .contexts import parameters_frozen, primal
 from .ops import GuessingMode
 
 if TYPE_CHECKING:
+    from .handle import GuessHandle
     from .step import GuessingStep
 
-__all__ = ["replay"]
+__all__ = ["replay", "save_for_replay"]
+
+
+def save_for_replay(handle: GuessHandle, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """What the second forward needs: the inputs (values), the global RNG and the handle's generators."""
+    leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.dim() > 0]
+    return {"args": tree_map(primal, args), "kwargs": tree_map(primal, kwargs),
+            "rng": capture_rng(cuda_devices(leaves[:1])),
+            "generators": {d: g.get_state() for d, g in handle._generators.items()}}
 
 
 def replay(step: GuessingStep) -> dict[int, Tensor]:

@@ -44,12 +44,13 @@ from .local_grad import product_tangent, weight_space_jvp
 from .ops import GuessingMode, Rows, Tracker, from_rows, to_rows
 from .prompts import PromptTokens
 from .records import ActivationRecord, ExactHeadRecord, InputRecord, Record, WeightRecord
+from .replay import save_for_replay
 from .site import Site
 
 if TYPE_CHECKING:
     from .handle import GuessHandle
 
-__all__ = ["GuessingStep"]
+__all__ = ["GuessingStep", "ProductTangents"]
 
 _NO_REPEAT_KWARGS = frozenset({"labels", "label", "targets"})
 _RAW_ESTIMATOR = Directional()  # raw_parameters="directional" with an activation-space method
@@ -86,7 +87,7 @@ class GuessingStep:
         self.records: list[Record] = []
         self.params: dict[int, Tensor] = {}  # what the step may estimate: trainable parameters, inputs needing grad
         self.inputs: list[tuple[Tensor, InputRecord]] = []
-        self.input_tangents: list[tuple[nn.Module, Tensor]] = []
+        self.products = ProductTangents(self)
         self.saved: dict[str, Any] | None = None  # store="recompute": input batch, RNG and generator states
         self.anchor: Tensor | None = None
         self.tangents: list[Tensor] = []  # the tangents of the collected outputs
@@ -117,7 +118,7 @@ class GuessingStep:
         trainable = {id(p): p for p in handle.model.parameters() if p.requires_grad}
         step = cls(handle, batch=batch, graph=graph, trainable=trainable)
         if handle.store == "recompute":
-            step.saved = handle.save_for_replay(args, kwargs)
+            step.saved = save_for_replay(handle, args, kwargs)
             step.saved["needing_grad"] = needing_grad
         load_jvp_decompositions()
         stack = step._stack
@@ -303,36 +304,6 @@ class GuessingStep:
             if not any(n > 0 for n in uses.values()):
                 self.graph = self.graph_uses = None
 
-    def strip_input_tangent(self, module: nn.Module, args: tuple) -> tuple | None:
-        """Pre-hook of a Linear/convolution: run its primal alone; :meth:`add_output_tangent` adds ``ẋ Wᵀ``."""
-        if self.replaying or not args or not isinstance(args[0], Tensor):
-            return None
-        x, tangent = fwAD.unpack_dual(args[0])
-        if tangent is None:
-            return None
-        entry = self.tracker.batch(args[0])
-        rows = entry[0] if entry else Rows()
-        self.input_tangents.append((module, tangent, rows, args[0].shape))
-        return (self.tracker.mark(x.detach(), rows, False), *args[1:])  # detached: see contexts.primal
-
-    def add_output_tangent(self, module: nn.Module, output: Tensor) -> Tensor | None:
-        if not self.input_tangents or self.input_tangents[-1][0] is not module:
-            return None
-        _, tangent, rows, shape = self.input_tangents.pop()
-        out = fwAD.make_dual(output, product_tangent(module, tangent).to(output.dtype))
-        return self.tracker.mark(out, self.tracker.out_rows(None, (), {}, rows, shape, output), True)
-
-    def match_tangent_dtype(self, output: Any) -> Tensor | None:
-        """Under CPU autocast, LayerNorm returns a bfloat16 value with a float32 tangent, which the next Linear
-        rejects: give the tangent the value's dtype."""
-        if self.replaying or not isinstance(output, Tensor):
-            return None
-        out, tangent = fwAD.unpack_dual(output)
-        if tangent is None or tangent.dtype == out.dtype:
-            return None
-        entry = self.tracker.batch(output)
-        return self.tracker.mark(fwAD.make_dual(out, tangent.to(out.dtype)), entry[0] if entry else Rows(), True)
-
     def collect(self, output: Any, where: str, primary: bool) -> Any:
         """Outputs of the guessing region that carry a tangent leave through the boundary (:mod:`.boundary`)."""
         return output if self.replaying else collect(self, output, where, primary)
@@ -377,6 +348,46 @@ class GuessingStep:
         out = [self.grads.get(id(p)) for p in params]
         self.records, self.grads, self.saved, self.grad_z = [], {}, None, {}
         return self.handle.nonfinite.apply(self.d, out, params)
+
+
+class ProductTangents:
+    """The tangents the module hooks carry apart from forward-mode AD: a Linear's or convolution's output tangent as a
+    separate product (cheaper than forward AD through ``F.linear``), and a frozen norm's tangent in its value's
+    dtype under autocast."""
+
+    def __init__(self, step: GuessingStep):
+        self.step = step
+        self.pending: list[tuple] = []  # (module, input tangent, its rows, input shape) of calls in progress
+
+    def strip(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Pre-hook of a Linear/convolution: run its primal alone; :meth:`add` adds ``ẋ Wᵀ``."""
+        if self.step.replaying or not args or not isinstance(args[0], Tensor):
+            return None
+        x, tangent = fwAD.unpack_dual(args[0])
+        if tangent is None:
+            return None
+        entry = self.step.tracker.batch(args[0])
+        rows = entry[0] if entry else Rows()
+        self.pending.append((module, tangent, rows, args[0].shape))
+        return (self.step.tracker.mark(x.detach(), rows, False), *args[1:])  # detached: see contexts.primal
+
+    def add(self, module: nn.Module, output: Tensor) -> Tensor | None:
+        if not self.pending or self.pending[-1][0] is not module:
+            return None
+        _, tangent, rows, shape = self.pending.pop()
+        out = fwAD.make_dual(output, product_tangent(module, tangent).to(output.dtype))
+        return self.step.tracker.mark(out, self.step.tracker.out_rows(None, (), {}, rows, shape, output), True)
+
+    def match_dtype(self, output: Any) -> Tensor | None:
+        """Under CPU autocast, LayerNorm returns a bfloat16 value with a float32 tangent, which the next Linear
+        rejects: give the tangent the value's dtype."""
+        if self.step.replaying or not isinstance(output, Tensor):
+            return None
+        out, tangent = fwAD.unpack_dual(output)
+        if tangent is None or tangent.dtype == out.dtype:
+            return None
+        entry = self.step.tracker.batch(output)
+        return self.step.tracker.mark(fwAD.make_dual(out, tangent.to(out.dtype)), entry[0] if entry else Rows(), True)
 
 
 def _project(d: Tensor, gram: Tensor, k: int) -> Tensor:
