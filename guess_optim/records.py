@@ -6,6 +6,7 @@ derivatives ``[N]``, ``∂L/∂z`` repeated to ``N`` rows (``grad_rep``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,14 +83,15 @@ class ActivationRecord(Record):
 
     guess: Tensor | None = None
     rows: tuple[int, int] = (0, 1)  # where the examples are in the output (guess_optim.ops.Rows)
+    redraw: Callable[[], Tensor] | None = None  # instead of ``guess``: draws it again (a regenerable estimator)
 
     def estimate(self, d: Tensor, grad_rep: Tensor, k: int, internal: Internal) -> dict[str, Tensor]:
-        u = self.guess
+        u = self.guess if self.guess is not None else self.redraw()
         scale = d / k if k > 1 else d  # averaging the K guesses, folded into d_b (no weight-sized division)
         return local_vjp(self.module, self.params, self.inputs, u * along(scale, self.rows, u), internal)
 
     def gram(self, k: int, batch: int) -> Tensor | None:
-        return example_gram(self.guess, self.rows, k, batch)
+        return example_gram(self.guess if self.guess is not None else self.redraw(), self.rows, k, batch)
 
 
 @dataclass

@@ -26,6 +26,7 @@ mode runs the forward again (same generator and RNG states) and each guess point
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -274,11 +275,33 @@ class GuessingStep:
             return ExactHeadRecord(module, params, inputs, edge=boundary_edges[0], output=out), None
         if self.estimator.space == "weight":
             stacks = {n: self._module_weight_guesses(module, n, p) for n, p in params.items()}
-            record = WeightRecord(module, params, inputs, stacks=stacks)
+            record = WeightRecord(module, params, (), stacks=stacks)  # (Σ d) V needs none of the batch
             jvp = None if self.replaying else weight_space_jvp(module, inputs, stacks, out.shape[0], handle.internal)
             return record, jvp
+        regenerate = (self.estimator.regenerable and handle.store == "activations" and not self.replaying
+                      and handle._captured is None)
+        state = handle.generator(out.device).get_state() if regenerate else None
         guess = self.draw_guess(out, rows, handle.names[module], module, edges)
-        return ActivationRecord(module, params, inputs, guess=guess, rows=tuple(rows)), guess
+        record = ActivationRecord(module, params, inputs, guess=guess, rows=tuple(rows))
+        if regenerate:  # keep the generator's state, not the guess: drawn again in backward, one layer at a time
+            record.guess, record.redraw = None, self._redraw(out, rows, handle.names[module], state)
+        return record, guess
+
+    def _redraw(self, out: Tensor, rows: Rows, name: str, state: Tensor) -> Callable[[], Tensor]:
+        """The guess of a regenerable estimator (its guess depends on the output's shape, dtype and device and on the
+        generator only), drawn again from the generator state it was first drawn from."""
+        handle, like = self.handle, out.new_empty(()).expand(out.shape)
+        gen = handle.generator(out.device)
+
+        def redraw() -> Tensor:
+            current = gen.get_state()
+            gen.set_state(state)
+            try:
+                return self.draw_guess(like, rows, name)
+            finally:
+                gen.set_state(current)
+
+        return redraw
 
     def _module_weight_guesses(self, module: nn.Module, name: str, p: Tensor) -> Tensor:
         v = self.estimator.weight_guesses(p, self.handle.generator(p.device), self.k)

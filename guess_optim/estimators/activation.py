@@ -32,6 +32,7 @@ class Activation(Estimator):
     color = "tab:brown"
     source = "paper A.4"
     unbiased = True
+    regenerable = True
 
     def guess(self, site: Site) -> Tensor:
         return isotropic_guess(site.output, site.generator)

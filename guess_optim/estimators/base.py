@@ -78,6 +78,9 @@ class Estimator:
     * ``exact_head`` (bool): the output layer always gets its exact (local) gradient.
     * ``guess_matmuls`` (int): layer-sized matrix products per layer that the guess costs on top of the primal, the
       tangent and the estimate (the benchmark's floor: ``guess-optim bench``).
+    * ``regenerable`` (bool): the guess depends only on ``site.output``'s shape, dtype and device, ``site.generator``
+      and ``site.num_guesses``: the engine then keeps the generator's state instead of the guess and draws it again in
+      the backward (memory: one guess alive at a time instead of all of them).
     * ``aliases`` (mapping): older :func:`~guess_optim.attach` keyword names of options (``{"wt_power": "power"}``).
 
     Activation-space subclasses implement :meth:`guess`; weight-space ones :meth:`weight_guess`.
@@ -93,6 +96,7 @@ class Estimator:
     needs: ClassVar[Needs] = None
     exact_head: ClassVar[bool] = False
     guess_matmuls: ClassVar[int] = 0
+    regenerable: ClassVar[bool] = False
     aliases: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def guess(self, site: Site) -> Tensor:
