@@ -103,6 +103,7 @@ class WeightRecord(Record):
 
     stacks: dict[str, Tensor] | None = None
     source: Tensor | None = None
+    owned: bool = False  # the stacks are this record's alone (not captured, not a view): scaled in place
 
     @property
     def tangents(self) -> list[dict[str, Tensor]]:
@@ -112,7 +113,9 @@ class WeightRecord(Record):
 
     def estimate(self, d: Tensor, grad_rep: Tensor, k: int, internal: Internal) -> dict[str, Tensor]:
         per_block = d.reshape(k, -1).sum(1)
-        if k == 1:  # one weight-sized pass
+        if k == 1 and self.owned:  # V is not needed after: the estimate takes its memory
+            est = {n: v[0].mul_(per_block[0].to(v.dtype)) for n, v in self.stacks.items()}
+        elif k == 1:  # one weight-sized pass
             est = {n: per_block[0] * v[0] for n, v in self.stacks.items()}
         else:
             est = {n: torch.tensordot(per_block.to(v.dtype), v, dims=1) / k for n, v in self.stacks.items()}

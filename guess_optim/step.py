@@ -26,6 +26,7 @@ mode runs the forward again (same generator and RNG states) and each guess point
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -275,7 +276,8 @@ class GuessingStep:
             return ExactHeadRecord(module, params, inputs, edge=boundary_edges[0], output=out), None
         if self.estimator.space == "weight":
             stacks = {n: self._module_weight_guesses(module, n, p) for n, p in params.items()}
-            record = WeightRecord(module, params, (), stacks=stacks)  # (Σ d) V needs none of the batch
+            record = WeightRecord(module, params, (), stacks=stacks,  # (Σ d) V needs none of the batch
+                                  owned=handle._captured is None)
             jvp = None if self.replaying else weight_space_jvp(module, inputs, stacks, out.shape[0], handle.internal)
             return record, jvp
         regenerate = (self.estimator.regenerable and handle.store == "activations" and not self.replaying
@@ -365,10 +367,14 @@ class GuessingStep:
 
             self.grads = replay(self)
         else:
-            for r in self.records:
+            records, self.records = self.records, []
+            for i, r in enumerate(records):
+                records[i] = None  # the record's saved input goes as soon as its estimate is made (as in backprop)
                 self.accumulate(r)
+                del r
         params = list(self.params.values())
         out = [self.grads.get(id(p)) for p in params]
+        self.grads = {}  # the list is the estimates' only holder: autograd takes them without a copy
         self.records, self.grads, self.saved, self.grad_z = [], {}, None, {}
         return self.handle.nonfinite.apply(self.d, out, params)
 
@@ -379,7 +385,7 @@ class ProductTangents:
     dtype under autocast."""
 
     def __init__(self, step: GuessingStep):
-        self.step = step
+        self.step = weakref.proxy(step)  # no reference cycle: a step's memory goes as soon as the step does
         self.pending: list[tuple] = []  # (module, input tangent, its rows, input shape) of calls in progress
 
     def strip(self, module: nn.Module, args: tuple) -> tuple | None:
