@@ -9,7 +9,8 @@ What the callback adds:
 
 * **Head.** Hugging Face models return a ``ModelOutput`` and compute their loss inside ``forward``; the guessing
   region must end at the module producing the logits. It is found automatically (``classifier`` or ``score`` of the
-  model, or of a ``peft`` model's base model), or given as ``head=`` / ``head_fn=``.
+  model, or of a ``peft`` model's base model; else a language model's ``lm_head``), or given as ``head=`` /
+  ``head_fn=``.
 * **Seeds.** The handle's seed is ``seed`` (default: ``TrainingArguments.seed``) plus the process index, so the
   processes of a distributed run draw independent guesses; a single process draws exactly what
   ``attach(model, seed=seed)`` draws.
@@ -89,7 +90,8 @@ def find_head(model: nn.Module) -> nn.Module | None:
     Looks for ``classifier`` (``*ForImageClassification``, most ``*ForSequenceClassification``, and
     :class:`~guess_optim.integrations.vpt.VisualPromptTuning`) or ``score`` (decoder-only
     ``*ForSequenceClassification``) on the model, or on the base model of a ``peft`` model (where it may be a
-    ``ModulesToSaveWrapper``).
+    ``ModulesToSaveWrapper``); failing that, the output embeddings of a language model
+    (``get_output_embeddings()``: ``lm_head`` of ``*ForCausalLM``, also when tied to the input embeddings).
 
     Returns:
         The head module, or ``None`` if the model has none of these attributes.
@@ -102,6 +104,11 @@ def find_head(model: nn.Module) -> nn.Module | None:
             head = getattr(base, name, None)
             if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):
                 return head
+    for base in candidates:  # language models: the output embeddings (``lm_head``)
+        get = getattr(base, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if isinstance(head, nn.Module):
+            return head
     return None
 
 
@@ -137,7 +144,7 @@ class GuessedGradientCallback(TrainerCallback):
         log_cosine_every: log the cosine similarity to backprop every this many optimizer steps; 0 disables it.
             (default: 0)
         head: the module producing the logits (the end of the guessing region). (default: found by
-            :func:`find_head`; the model itself if it has no ``classifier``/``score`` and is not a
+            :func:`find_head`; the model itself if it has no ``classifier``/``score``/``lm_head`` and is not a
             ``transformers.PreTrainedModel``)
         head_fn: ``head_fn(model) -> module``, called at ``on_train_begin`` instead of ``head=``. (default: ``None``)
         **attach_kwargs: passed on to :func:`guess_optim.attach` (``num_guesses``, ``exact_head``,
@@ -203,7 +210,8 @@ class GuessedGradientCallback(TrainerCallback):
         head = find_head(model)
         if head is None and isinstance(model, transformers.PreTrainedModel):
             raise ValueError(
-                f"cannot find the module producing the logits of {type(model).__name__} (no 'classifier' or 'score'); "
+                f"cannot find the module producing the logits of {type(model).__name__} (no 'classifier', 'score' or "
+                "output embeddings); "
                 "pass GuessedGradientCallback(head=<module>) or head_fn=lambda model: <module>"
             )
         return head
