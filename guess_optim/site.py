@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .contexts import own_autograd
 from .graph import BOUNDARY, Edge, Graph
+from .jacobian import UpstreamJacobian, upstream_jacobian
 from .local_grad import power_singular_values
 
 __all__ = ["Site"]
@@ -79,6 +80,21 @@ class Site:
         """Targets at the post-activations ``layers`` modules downstream and the pullback through that segment
         (paper §2.1, "partial backpropagation")."""
         return self._pulled_back("downstream", layers=layers)
+
+    def next_jacobian(self) -> UpstreamJacobian:
+        """The per-example Jacobian ``J_b`` of the next modules' outputs ``s_{i+1}`` w.r.t. this guess point's output,
+        through the replayed chains and the next modules (for ReLU and a Linear, ``J_b = W_{i+1} D_b``), as a batched
+        operator: ``J V``, ``Jᵀ Y`` and ``J`` itself (:mod:`guess_optim.jacobian`). ``next_outputs()``'s pullback is
+        ``ε ↦ J_bᵀ ε``; this is the same map, for many vectors at once and in both directions.
+
+        Returns:
+            A :class:`~guess_optim.jacobian.UpstreamJacobian` of shape ``(N, m, n)``: ``N`` rows, ``n`` the output's
+            size per row, ``m`` the next modules' outputs' size per row (concatenated in edge order).
+        """
+        leaf = self.output.detach().requires_grad_(True)
+        with self._internal(), own_autograd():
+            outputs, lifts = self._targets(leaf, "next", 1.0, 1)
+        return upstream_jacobian(leaf, outputs, lifts)
 
     # ------------------------------------------------------------------------------------------------ internals
     def _pulled_back(self, target: str, *, power: float = 1.0, layers: int = 1) -> tuple[list[Tensor], Pullback]:

@@ -11,6 +11,8 @@ from test_estimators import Net, backprop_reference, expected_activation_space
 from guess_optim import METHODS, attach
 
 ACTIVATION_SPACE = [m for m, spec in METHODS.items() if spec.space == "activation"]
+# E[u uᵀ] of these is a projector or a spectral filter of the upstream Jacobian: rescaling them would bias them
+NOT_RESCALED = {"wt-perp", "wt-perp-ns", "wt-precond"}
 
 shapes = st.lists(st.integers(1, 9), min_size=2, max_size=5)
 common = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -57,7 +59,8 @@ def test_estimate_is_linear_in_the_loss(sizes, batch, method, scale, seed):
 
 
 @common
-@given(sizes=shapes, batch=st.integers(1, 6), method=st.sampled_from(ACTIVATION_SPACE), seed=st.integers(0, 2**16))
+@given(sizes=shapes, batch=st.integers(1, 6),
+       method=st.sampled_from([m for m in ACTIVATION_SPACE if m not in NOT_RESCALED]), seed=st.integers(0, 2**16))
 def test_guesses_have_norm_sqrt_n_or_zero(sizes, batch, method, seed):
     model, x, y = build(sizes, batch, "relu", seed)
     with attach(model, method, seed=seed) as h, h.capture() as cap:

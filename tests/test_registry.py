@@ -45,7 +45,7 @@ def mlp(seed=0):
 def test_builtins_are_registered_in_order_with_their_metadata():
     assert list(METHODS)[:7] == ["backprop", "directional", "activation", "mixing", "wt", "downstream",
                                  "self-sharpening"]
-    assert [n for n, c in METHODS.items() if c.unbiased] == ["backprop", "directional", "activation"]
+    assert [n for n, c in list(METHODS.items())[:7] if c.unbiased] == ["backprop", "directional", "activation"]
     assert {c.space for c in METHODS.values()} == {"backprop", "weight", "activation"}
     assert METHODS["self-sharpening"].exact_head and issubclass(METHODS["self-sharpening"], Downstream)
     assert METHODS["wt"].guess_matmuls == 1 and METHODS["activation"].guess_matmuls == 0

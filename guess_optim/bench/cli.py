@@ -25,10 +25,20 @@ from .timing import profile_step
 __all__ = ["build_parser", "main"]
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help at spaces only: a method name such as ``wt-precond`` is never split at its hyphen."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``guess-optim bench`` / ``python -m guess_optim.bench``."""
     p = argparse.ArgumentParser(
         prog="guess-optim bench",
+        formatter_class=_HelpFormatter,
         description="Speed and peak memory of guessed training steps as ratios to a backprop step of the same model, "
                     "measured side by side in one process.",
     )
