@@ -104,3 +104,79 @@ def test_the_reproductions_use_it():
 
     assert bias.guessed_gradient is guessed_gradient and one_step.guessed_gradient is guessed_gradient
     assert not hasattr(one_step, "_estimate")
+
+
+# ------------------------------------------------------------------------------------------------------ bias_variance
+def test_bias_variance_activation_is_unbiased_wt_is_not():
+    """``activation``'s bias is within its noise in every layer; ``wt``'s (``E[u uᵀ] = J_bᵀ J_b``) is many times its
+    noise and a sizeable fraction of the gradient; and the variance is a property of one guess, not of ``per_step``."""
+    from guess_optim.diagnostics import bias_variance
+
+    model, data = mlp(), batch()
+    act = bias_variance(model, "activation", data, F.cross_entropy, guesses=8192, per_step=512, single=8)
+    wt = bias_variance(model, "wt", data, F.cross_entropy, guesses=8192, per_step=512, single=8)
+    assert set(act.per_layer) == {"layers.1", "layers.3", "layers.5"} and act.guesses == 8192 and act.single == 8
+    for name, row in [*act.per_layer.items(), ("all", act.total)]:
+        assert row.bias <= 4 * row.bias_noise, (name, row)
+        assert 0.9 < row.scale < 1.1 and row.cosine_of_mean > 0.95, (name, row)
+    hidden = wt.per_layer["layers.1"]
+    assert hidden.bias > 5 * hidden.bias_noise and hidden.relative_bias > 0.3, hidden
+    assert wt.total.bias > 5 * wt.total.bias_noise
+    fine = bias_variance(model, "activation", data, F.cross_entropy, guesses=8192, per_step=64, single=0)
+    assert fine.total.variance == pytest.approx(act.total.variance, rel=0.25)
+    assert fine.total.cosine != fine.total.cosine  # single=0: nan
+    assert "layers.1" in str(act) and "rel. bias" in str(act)
+    assert act.as_dict()["per_layer"]["layers.1"]["relative_variance"] == act.per_layer["layers.1"].relative_variance
+
+
+def test_bias_variance_directional_variance_matches_its_closed_form():
+    """``directional`` (``V`` of each parameter uniform on the sphere of radius ``sqrt(numel)``): ``ĝ_l = (V·g) V_l``,
+    so ``E‖ĝ_l‖² = P_l ‖g‖²`` (``‖V_θ‖² = numel`` exactly, ``E[(V·g)²] = ‖g‖²``) and the variance of layer ``l`` is
+    ``P_l ‖g‖² - ‖g_l‖²``; the whole model's is ``(P - 1) ‖g‖²``. A linear model, in float64."""
+    from guess_optim.diagnostics import backprop_gradient, bias_variance
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).double()
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    report = bias_variance(model, "directional", (x, t), F.mse_loss, guesses=12800, per_step=32, single=0)
+    ref = backprop_gradient(model, (x, t), F.mse_loss)
+    total = sum(float(v.pow(2).sum()) for v in ref.values())
+    for name, row in report.per_layer.items():
+        size = sum(p.numel() for p in model.get_submodule(name).parameters())
+        own = sum(float(ref[f"{name}.{p}"].pow(2).sum()) for p in ("weight", "bias"))
+        assert row.norm == pytest.approx(own**0.5, rel=1e-9)
+        assert row.variance == pytest.approx(size * total - own, rel=0.15), name
+        assert row.bias <= 4 * row.bias_noise, (name, row)
+    assert report.total.variance == pytest.approx((23 - 1) * total, rel=0.15)
+
+
+@pytest.mark.parametrize(("kwargs", "pattern"), [
+    ({"method": "backprop"}, r"Invalid method: 'backprop'"),
+    ({"method": "nope"}, r"Unknown method"),
+    ({"method": "activation", "guesses": 0}, r"Invalid guesses"),
+    ({"method": "activation", "per_step": 0}, r"Invalid per_step"),
+    ({"method": "activation", "single": -1}, r"Invalid single"),
+])
+def test_bias_variance_bad_arguments(kwargs, pattern):
+    from guess_optim.diagnostics import bias_variance
+
+    model, data = mlp(), batch()
+    with pytest.raises(ValueError, match=pattern):
+        bias_variance(model, loss_fn=F.cross_entropy, batch=data, **kwargs)
+
+
+def test_bias_variance_refuses_eval_mode_and_an_attached_model():
+    from guess_optim.diagnostics import bias_variance
+
+    model, data = mlp(), batch()
+    with attach(model, "wt"), pytest.raises(ValueError, match=r"remove the model's handle"):
+        bias_variance(model, "activation", data, F.cross_entropy)
+    with pytest.raises(ValueError, match=r"training mode"):
+        bias_variance(model.eval(), "activation", data, F.cross_entropy)
+    model.train()
+    grads = {n: torch.full_like(p, 3.0) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = grads[n]
+    bias_variance(model, "wt-perp", data, F.cross_entropy, guesses=4, per_step=2, single=1, rank=1)
+    assert all(p.grad is grads[n] for n, p in model.named_parameters()) and handle_of(model) is None
