@@ -140,7 +140,7 @@ class LinearJacobian(UpstreamJacobian):
         out = []
         for d, w in self.blocks:
             x = (d.reshape(N, -1, 1) * V).reshape(N, -1, d.shape[-1], l)  # [N, L, in, l]
-            out.append((w @ x).reshape(N, -1, l))
+            out.append((x.mT @ w.mT).mT.reshape(N, -1, l))  # one [N·L·l, in] x [in, out] product, not N small ones
         return torch.cat(out, 1)
 
     def rmatmul(self, Y: Tensor) -> Tensor:
@@ -150,7 +150,7 @@ class LinearJacobian(UpstreamJacobian):
             size = d[0].numel() // d.shape[-1] * w.shape[0]
             y = Y[:, start:start + size].reshape(N, -1, w.shape[0], l)  # [N, L, out, l]
             start += size
-            x = (w.mT @ y).reshape(N, -1, l) * d.reshape(N, -1, 1)
+            x = (y.mT @ w).mT.reshape(N, -1, l) * d.reshape(N, -1, 1)  # one large product (as in matmul)
             total = x if total is None else total + x
         return total
 

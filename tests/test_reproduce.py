@@ -373,3 +373,72 @@ def test_config_round_trips_through_json():
     cfg = Table1Config(configs=((3, 16),), methods=("wt",))
     again = Table1Config(**json.loads(json.dumps(cfg.__dict__)))
     assert again == cfg and again.configs == ((3, 16),)
+
+
+# ------------------------------------------------------------------------------------------------- follow-up (2025)
+def test_follow_up_record_files_and_labels_from_the_registry(tmp_path, capsys):
+    """``guess-optim reproduce follow-up`` at a tiny size (two steps per run): every part of the record, the files,
+    the printed table, labels and colours from the estimator registry, and the same numbers from the same seed."""
+    from guess_optim.estimators import METHODS
+    from guess_optim.reproduce import FollowUpConfig, run_follow_up
+
+    methods = ("backprop", "wt", "wt-perp:rank=1", "wt-precond")
+    argv = ["follow-up", "--datasets", "mnist1d", "--mlps", "3x8", "--cosine-mlps", "3x8", "--methods",
+            ",".join(methods), "--seeds", "2", "--epochs", "1", "--batch-size", "2000", "--eval-every", "1",
+            "--cosine-steps", "1", "--cosine-every", "1", "--cosine-batch-size", "32", "--bv-guesses", "8",
+            "--bv-per-step", "4", "--bv-single", "2", "--out-dir", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "wt-perp:rank=1" in printed and "follow-up.json" in printed and "follow-up.png" in printed
+    rec = json.loads((tmp_path / "follow-up.json").read_text())
+    rec["files"] = [str(tmp_path / "follow-up.json"), str(tmp_path / "follow-up.png")]
+    check_files(rec, tmp_path, "follow-up")
+    res = rec["results"]
+    assert res["methods"]["wt-perp:rank=1"] == {"method": "wt-perp", "options": {"rank": 1},
+                                                "label": METHODS["wt-perp"].plot_label() + " (rank=1)",
+                                                "color": METHODS["wt-perp"].color}
+    r = res["mnist1d"]
+    assert r["steps"] == 2 and r["mlp"] == "3x8"
+    for m in methods:
+        t = r["training"][m]
+        assert t["eval_steps"] == [0, 1, 2] and len(t["test"]) == 2 and in_unit(t["train"] + t["test"])
+    guessed = methods[1:]
+    assert set(r["cosine"]["mean"]) == set(guessed) and r["cosine"]["steps"] == [0, 1] and not r["cosine"]["skipped"]
+    assert all(in_unit(r["cosine"]["total"][m], low=-1) for m in guessed)
+    assert set(r["cosine"]["per_layer"]["wt"]) == {"layers.1", "layers.3", "layers.5"}
+    assert set(r["bias_variance"]) == set(guessed)
+    for m in guessed:
+        row = r["bias_variance"][m]["total"]
+        assert row["variance"] >= 0 and row["bias"] >= 0 and row["norm"] > 0
+    cfg = FollowUpConfig(**{**rec["config"], "methods": ("backprop", "wt-perp:rank=1"), "seeds": 1})
+    again = run_follow_up(cfg, progress=False)["results"]["mnist1d"]
+    assert again["training"]["wt-perp:rank=1"]["train_acc"][0] == r["training"]["wt-perp:rank=1"]["train_acc"][0]
+    assert again["cosine"]["total"] == {"wt-perp:rank=1": r["cosine"]["total"]["wt-perp:rank=1"]}
+    assert again["bias_variance"] == {"wt-perp:rank=1": r["bias_variance"]["wt-perp:rank=1"]}
+
+
+@pytest.mark.parametrize(("kwargs", "pattern"), [
+    ({"methods": ("wt-perp:rank=0",)}, r"Invalid rank"),
+    ({"methods": ("wt-perp:rank",)}, r"name:option=value"),
+    ({"methods": ("nope",)}, r"Unknown method"),
+    ({"methods": ("wt-perp:nope=1",)}, r"has no option 'nope'"),
+    ({"mlps": ((4, 128),)}, r"Invalid mlps"),
+    ({"epochs": 0}, r"Invalid epochs"),
+])
+def test_follow_up_bad_config(kwargs, pattern):
+    from guess_optim.reproduce import FollowUpConfig
+
+    with pytest.raises(ValueError, match=pattern):
+        FollowUpConfig(**kwargs)
+
+
+def test_follow_up_skips_a_method_over_its_exact_budget_on_the_cosine_mlp():
+    from guess_optim.reproduce.follow_up import FollowUpConfig, _cosine_along_backprop
+
+    cfg = FollowUpConfig(datasets=("mnist1d",), mlps=((3, 8),), cosine_mlps=((3, 8),), cosine_steps=1,
+                         cosine_batch_size=16)
+    from guess_optim.data import load_dataset
+
+    out = _cosine_along_backprop(cfg, load_dataset("mnist1d"), 0, 3, 8,
+                                 {"wt": ("wt", {}), "wt-precond:exact_budget=1": ("wt-precond", {"exact_budget": 1})})
+    assert list(out["mean"]) == ["wt"] and "wt-precond:exact_budget=1" in out["skipped"]

@@ -15,6 +15,7 @@ command             paper                                              function
 ``downstream-depth`` Fig. 5, A.1                                       :func:`run_downstream_depth`
 ``subspace``        Fig. 6 right / Fig. 7, A.2                         :func:`run_subspace`
 ``sweep``           Fig. 8, A.3                                        :func:`run_sweep`
+``follow-up``       Wang, Markou, Campbell 2025 (after the paper)      :func:`run_follow_up`
 ==================  =================================================  ==========================
 
 Command line: ``python -m guess_optim.reproduce <command> [--flags] --out-dir DIR`` (:func:`main`), also
@@ -27,6 +28,7 @@ from ._common import effective_rank
 from .bias import BiasConfig, matched_cosine_guess, run_bias
 from .cosine import CosineConfig, run_cosine
 from .downstream import DownstreamDepthConfig, run_downstream_depth
+from .follow_up import FollowUpConfig, run_follow_up
 from .one_step import OneStepConfig, loss_reduction, run_one_step
 from .runner import EXPERIMENTS, build_parser, main
 from .sharpening import SelfSharpeningConfig, run_self_sharpening
@@ -39,6 +41,7 @@ __all__ = [
     "BiasConfig",
     "CosineConfig",
     "DownstreamDepthConfig",
+    "FollowUpConfig",
     "OneStepConfig",
     "SelfSharpeningConfig",
     "SubspaceConfig",
@@ -53,6 +56,7 @@ __all__ = [
     "run_bias",
     "run_cosine",
     "run_downstream_depth",
+    "run_follow_up",
     "run_one_step",
     "run_self_sharpening",
     "run_subspace",

@@ -23,6 +23,7 @@ from .._checks import check_int
 from .bias import BiasConfig, run_bias, summarize_bias
 from .cosine import CosineConfig, run_cosine, summarize_cosine
 from .downstream import DownstreamDepthConfig, run_downstream_depth, summarize_downstream_depth
+from .follow_up import FollowUpConfig, run_follow_up, summarize_follow_up
 from .one_step import OneStepConfig, run_one_step, summarize_one_step
 from .sharpening import SelfSharpeningConfig, run_self_sharpening, summarize_self_sharpening
 from .subspace import SubspaceConfig, run_subspace, summarize_subspace
@@ -60,6 +61,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "subspace": Experiment(SubspaceConfig, run_subspace,
                            "Fig. 6/7, A.2: gradients vs activation-PCA and random subspaces", summarize_subspace),
     "sweep": Experiment(SweepConfig, run_sweep, "A.3, Fig. 8: learning rate x optimizer sweep", summarize_sweep),
+    "follow-up": Experiment(FollowUpConfig, run_follow_up,
+                            "after the paper: wt-perp, wt-perp-ns, wt-precond vs the paper's guesses on MNIST-1D and "
+                            "mnist-5k (Wang, Markou, Campbell 2025)", summarize_follow_up),
 }
 """Sub-command name → :class:`Experiment`; ``<name>.json`` and ``<name>.png`` are what it writes."""
 
