@@ -442,3 +442,22 @@ def test_follow_up_skips_a_method_over_its_exact_budget_on_the_cosine_mlp():
     out = _cosine_along_backprop(cfg, load_dataset("mnist1d"), 0, 3, 8,
                                  {"wt": ("wt", {}), "wt-precond:exact_budget=1": ("wt-precond", {"exact_budget": 1})})
     assert list(out["mean"]) == ["wt"] and "wt-precond:exact_budget=1" in out["skipped"]
+
+
+def test_follow_up_parts_run_alone_and_bias_variance_uses_the_training_weights(tmp_path):
+    """``--parts bias-variance`` trains its own copy of the first seed's backprop model: the same numbers as the full
+    run's bias/variance part; the plot and the table leave the parts not run blank."""
+    from guess_optim.reproduce import FollowUpConfig, run_follow_up
+
+    base = {"datasets": ("mnist1d",), "mlps": ((3, 8),), "cosine_mlps": ((3, 8),), "methods": ("backprop", "wt"),
+            "seeds": 1, "epochs": 1, "batch_size": 2000, "cosine_steps": 1, "cosine_every": 1,
+            "cosine_batch_size": 32, "bv_guesses": 8, "bv_per_step": 4, "bv_single": 1}
+    full = run_follow_up(FollowUpConfig(**base), progress=False)["results"]["mnist1d"]
+    rec = run_follow_up(FollowUpConfig(**base, parts=("bias-variance",)), out_dir=tmp_path, progress=False)
+    alone = rec["results"]["mnist1d"]
+    assert "training" not in alone and "cosine" not in alone
+    assert alone["bias_variance"] == full["bias_variance"]
+    assert (tmp_path / "follow-up.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wt" in EXPERIMENTS["follow-up"].summary(rec)
+    with pytest.raises(ValueError, match=r"Invalid parts"):
+        FollowUpConfig(**base, parts=("nope",))

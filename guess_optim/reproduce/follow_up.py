@@ -13,8 +13,10 @@ lr 1e-4, 300 epochs; and the same on ``mnist-5k`` with the paper's MLP (3 x 128)
 3. **Bias and variance** at fixed weights (the first seed's backprop model after training, one training batch):
    :func:`~guess_optim.diagnostics.bias_variance` per layer.
 
-Methods are registered names or variants ``name:option=value`` (``wt-perp:rank=1``, ``wt-perp:rank=full``): any
-registered estimator and its options, with the registry's plot label and colour.
+Each part can be run alone (``--parts training,cosine,bias-variance``); the bias/variance part trains its own copy of
+the first seed's backprop model (the same weights). Methods are registered names or variants ``name:option=value``
+(``wt-perp:rank=1``, ``wt-perp:rank=full``): any registered estimator and its options, with the registry's plot
+label and colour.
 """
 
 from __future__ import annotations
@@ -47,11 +49,15 @@ from ._common import (
     train,
 )
 
-__all__ = ["FOLLOW_UP_METHODS", "FollowUpConfig", "parse_variant", "run_follow_up", "variant_label"]
+__all__ = ["FOLLOW_UP_METHODS", "PARTS", "FollowUpConfig", "parse_variant", "run_follow_up", "variant_label"]
 
 FOLLOW_UP_METHODS = ("backprop", "directional", "activation", "wt", "wt-perp:rank=1", "wt-perp:rank=10",
                      "wt-perp:rank=full", "wt-perp-ns", "wt-precond")
 """The methods of the issue: the paper's baselines and the follow-up estimators (``wt-perp`` at ranks 1, 10, full)."""
+
+
+PARTS = ("training", "cosine", "bias-variance")
+"""The three measurements of :func:`run_follow_up`, each of which can be run alone (``--parts``)."""
 
 
 def _value(text: str) -> Any:
@@ -112,6 +118,8 @@ class FollowUpConfig(BaseConfig):
     cosine_mlps: tuple[tuple[int, int], ...] = arg(((4, 128), (6, 1024)),
                                                    "MLP of the cosine-along-backprop trajectory per dataset")
     methods: tuple[str, ...] = arg(FOLLOW_UP_METHODS, "methods: registered names or name:option=value variants")
+    parts: tuple[str, ...] = arg(PARTS, "what to run: training (accuracy over seeds), cosine (along backprop), "
+                                 "bias-variance (at fixed weights)", choices=PARTS)
     seeds: int = arg(3, "training seeds per method (mean ± std over them)")
     epochs: int = arg(7, "training epochs (follow-up paper: 300)")
     lr: float = arg(1e-4, "AdamW learning rate (follow-up paper: 1e-4)")
@@ -131,6 +139,7 @@ class FollowUpConfig(BaseConfig):
         self.check_nonneg("bv_single")
         self.check_positive("lr", kind=float)
         self.check_choices("datasets", DATASETS)
+        self.check_choices("parts", PARTS)
         for name in ("mlps", "cosine_mlps"):
             value = getattr(self, name)
             if not (isinstance(value, tuple) and len(value) == len(self.datasets)
@@ -169,51 +178,57 @@ def run_follow_up(config: FollowUpConfig, *, out_dir: str | os.PathLike | None =
     results: dict[str, Any] = {"methods": {
         v: {"method": name, "options": opts, "label": variant_label(v), "color": METHODS[name].color}
         for v, (name, opts) in variants.items()}}
-    total = len(config.datasets) * len(config.methods) * (config.seeds + 2)
-    bar = tqdm(total=total, desc="follow-up", disable=not progress)
+    guessed = {v: nv for v, nv in variants.items() if not _is_oracle(v)}
+    per_dataset = (len(config.methods) * config.seeds if "training" in config.parts else 0) + sum(
+        len(guessed) for part in ("cosine", "bias-variance") if part in config.parts)
+    bar = tqdm(total=len(config.datasets) * per_dataset, desc="follow-up", disable=not progress)
     for d, dataset in enumerate(config.datasets):
         splits = load(config, dataset)
         (depth, width), (cdepth, cwidth) = config.mlps[d], config.cosine_mlps[d]
         steps = config.epochs * -(-len(splits.train) // config.batch_size)
-        training: dict[str, Any] = {}
-        trained = None
-        for v, (name, opts) in variants.items():
-            runs = []
-            for s in range(config.seeds):
-                seed = derive_seed(config.seed, d, s)
-                model = make_mlp(splits, depth, width, seed)
-                opt = build_optimizer("adamw", model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-                log = train(model, name, splits, opt, steps=steps, batch_size=config.batch_size,
-                            seed=derive_seed(seed, 1), eval_every=config.eval_every, attach_kwargs=opts,
-                            progress=progress, desc=f"{dataset} {v} s{s}")
-                runs.append(log)
-                if s == 0 and _is_oracle(v):
-                    trained = model
+        out: dict[str, Any] = {"mlp": f"{depth}x{width}", "cosine_mlp": f"{cdepth}x{cwidth}", "steps": steps}
+        if "training" in config.parts:
+            out["training"] = {}
+            for v, (name, opts) in variants.items():
+                runs = []
+                for s in range(config.seeds):
+                    runs.append(_train(config, splits, d, s, (depth, width), name, opts, steps, progress,
+                                       f"{dataset} {v} s{s}")[1])
+                    bar.update()
+                tr, te = mean_std([r.train_acc[-1] for r in runs]), mean_std([r.test_acc[-1] for r in runs])
+                out["training"][v] = {
+                    "eval_steps": runs[0].eval_steps, "train_acc": [r.train_acc for r in runs],
+                    "test_acc": [r.test_acc for r in runs], "train": [r.train_acc[-1] for r in runs],
+                    "test": [r.test_acc[-1] for r in runs], "train_mean": tr[0], "train_std": tr[1],
+                    "test_mean": te[0], "test_std": te[1], "skipped_steps": [r.skipped_steps for r in runs]}
+        if "cosine" in config.parts:
+            out["cosine"] = _cosine_along_backprop(config, splits, d, cdepth, cwidth, guessed)
+            bar.update(len(guessed))
+        if "bias-variance" in config.parts:
+            # fixed weights: the first seed's backprop model after training (the same weights as the training part's)
+            trained = _train(config, splits, d, 0, (depth, width), "backprop", {}, steps, False, "")[0]
+            batch = next(batches(splits, config.batch_size, derive_seed(config.seed, d, 3)))
+            out["bias_variance"] = {}
+            for v, (name, opts) in guessed.items():
+                out["bias_variance"][v] = bias_variance(
+                    trained.train(), name, batch, cross_entropy, guesses=config.bv_guesses, per_step=config.bv_per_step,
+                    single=config.bv_single, seed=derive_seed(config.seed, d, 4), **opts).as_dict()
                 bar.update()
-            tr, te = mean_std([r.train_acc[-1] for r in runs]), mean_std([r.test_acc[-1] for r in runs])
-            training[v] = {"eval_steps": runs[0].eval_steps, "train_acc": [r.train_acc for r in runs],
-                           "test_acc": [r.test_acc for r in runs], "train": [r.train_acc[-1] for r in runs],
-                           "test": [r.test_acc[-1] for r in runs], "train_mean": tr[0], "train_std": tr[1],
-                           "test_mean": te[0], "test_std": te[1], "skipped_steps": [r.skipped_steps for r in runs]}
-        guessed = {v: nv for v, nv in variants.items() if not _is_oracle(v)}
-        cosine = _cosine_along_backprop(config, splits, d, cdepth, cwidth, guessed)
-        bar.update(len(config.methods))
-        if trained is None:  # no backprop in the methods: the weights at initialization
-            trained = make_mlp(splits, depth, width, derive_seed(config.seed, d, 0))
-        trained.train()
-        batch = next(batches(splits, config.batch_size, derive_seed(config.seed, d, 3)))
-        bv = {}
-        for v, (name, opts) in guessed.items():
-            bv[v] = bias_variance(trained, name, batch, cross_entropy, guesses=config.bv_guesses,
-                                  per_step=config.bv_per_step, single=config.bv_single,
-                                  seed=derive_seed(config.seed, d, 4), **opts).as_dict()
-            bar.update()
-        bar.update(len(config.methods) - len(guessed))
-        results[dataset] = {"mlp": f"{depth}x{width}", "cosine_mlp": f"{cdepth}x{cwidth}", "steps": steps,
-                            "training": training, "cosine": cosine, "bias_variance": bv}
+        results[dataset] = out
     bar.close()
     return finish("follow-up", "Wang, Markou, Campbell 2025 (arXiv 2511.03110); issue #14", config, results, started,
                   plot_follow_up, out_dir)
+
+
+def _train(config: FollowUpConfig, splits: Any, d: int, s: int, mlp: tuple[int, int], name: str,
+           opts: dict[str, Any], steps: int, progress: bool, desc: str) -> tuple[Any, Any]:
+    """Seed ``s`` of one method on dataset ``d``: ``(model, TrainLog)``."""
+    seed = derive_seed(config.seed, d, s)
+    model = make_mlp(splits, *mlp, seed)
+    opt = build_optimizer("adamw", model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    log = train(model, name, splits, opt, steps=steps, batch_size=config.batch_size, seed=derive_seed(seed, 1),
+                eval_every=config.eval_every, attach_kwargs=opts, progress=progress, desc=desc)
+    return model, log
 
 
 def _cosine_along_backprop(config: FollowUpConfig, splits: Any, d: int, depth: int, width: int,
@@ -257,56 +272,81 @@ def _cosine_along_backprop(config: FollowUpConfig, splits: Any, d: int, depth: i
 
 def plot_follow_up(record: dict[str, Any]) -> Any:
     """One row per dataset: cosine along backprop (whole model), mean cosine per layer, relative bias vs relative
-    variance per layer, test accuracy along training (mean over seeds)."""
+    variance per layer, test accuracy along training (mean over seeds); a part that was not run is a blank panel."""
     res = record["results"]
     datasets = [k for k in res if k != "methods"]
     variants = list(res["methods"])
     fig, axes = figure(4, len(datasets), size=(4.3, 3.3))
     for row, dataset in enumerate(datasets):
         r = res[dataset]
-        ax = axes[row, 0]
-        for v, curve in r["cosine"]["total"].items():
-            y = [np.nan if c is None or c <= 0 else c for c in curve]
-            ax.plot(r["cosine"]["steps"], y, marker=".", label=variant_label(v), **_style(v, variants))
-        ax.set_yscale("log")
-        ax.set_xlabel("backprop step")
-        ax.set_ylabel("cosine to the gradient")
-        ax.set_title(f"{dataset}, MLP {r['cosine']['mlp']}: cosine along backprop", fontsize=9)
-        ax = axes[row, 1]
-        ms = list(r["cosine"]["layer_mean"])
-        names = list(r["cosine"]["layer_mean"][ms[0]]) if ms else []
-        for i, v in enumerate(ms):
-            vals = [r["cosine"]["layer_mean"][v][k] for k in names]
-            ax.bar(np.arange(len(names)) + (i - len(ms) / 2) * 0.8 / max(len(ms), 1), [max(x, 1e-6) for x in vals],
-                   width=0.8 / max(len(ms), 1), color=_style(v, variants)["color"], label=variant_label(v),
-                   hatch="//" if _style(v, variants)["linestyle"] != "-" else None)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(names)), names, fontsize=7)
-        ax.set_title("mean cosine per layer", fontsize=9)
-        ax = axes[row, 2]
-        for v, rep in r["bias_variance"].items():
-            style = _style(v, variants)
-            for resolved, marker in ((True, "o"), (False, "v")):  # ▽: bias within 2 noise levels, drawn at the noise
-                pts = [(x["relative_variance"], x["relative_bias"] if resolved else 2 * x["bias_noise"] / x["norm"])
-                       for x in rep["per_layer"].values()
-                       if x["relative_variance"] and x["norm"] and (x["bias"] > 2 * x["bias_noise"]) == resolved]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker=marker, linestyle="none", color=style["color"],
-                            fillstyle="full" if style["linestyle"] == "-" else "none")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("relative variance E|ĝ - Eĝ|² / |g|²")
-        ax.set_ylabel("relative bias |Eĝ - g| / |g|")
-        ax.set_title(f"bias and variance per layer, MLP {r['mlp']} (▽: bias below 2x its noise)", fontsize=9)
-        ax = axes[row, 3]
-        for v, t in r["training"].items():
-            mean = np.mean(np.asarray(t["test_acc"], dtype=float), axis=0)
-            ax.plot(t["eval_steps"], 100 * mean, label=variant_label(v), **_style(v, variants))
-        ax.set_xlabel("training step")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"MLP {r['mlp']}, mean of {len(next(iter(r['training'].values()))['test'])} seeds", fontsize=9)
-    axes[0, 3].legend(fontsize=6)
+        for ax, part in zip(axes[row], ("cosine", "cosine", "bias_variance", "training"), strict=True):
+            if part not in r:
+                ax.text(0.5, 0.5, f"{dataset}: {part.replace('_', '-')} not run", ha="center", va="center",
+                        transform=ax.transAxes)
+                ax.set_axis_off()
+        if "cosine" in r:
+            _plot_cosine(axes[row, 0], axes[row, 1], dataset, r["cosine"], variants)
+        if "bias_variance" in r:
+            _plot_bias_variance(axes[row, 2], r, variants)
+        if "training" in r:
+            _plot_training(axes[row, 3], r, variants)
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
     return fig
+
+
+def _plot_cosine(ax: Any, bars: Any, dataset: str, c: dict[str, Any], variants: list[str]) -> None:
+    for v, curve in c["total"].items():
+        y = [np.nan if x is None or x <= 0 else x for x in curve]
+        ax.plot(c["steps"], y, marker=".", label=variant_label(v), **_style(v, variants))
+    ax.set_yscale("log")
+    ax.set_xlabel("backprop step")
+    ax.set_ylabel("cosine to the gradient (one guess)")
+    ax.set_title(f"{dataset}, MLP {c['mlp']}: cosine along backprop", fontsize=9)
+    ms = list(c["layer_mean"])
+    names = list(c["layer_mean"][ms[0]]) if ms else []
+    width = 0.8 / max(len(ms), 1)
+    for i, v in enumerate(ms):
+        style = _style(v, variants)
+        vals = [c["layer_mean"][v][k] for k in names]
+        bars.bar(np.arange(len(names)) + (i - len(ms) / 2 + 0.5) * width,
+                 [np.nan if x is None or x <= 0 else x for x in vals], width=width, color=style["color"],
+                 hatch="//" if style["linestyle"] != "-" else None)
+    bars.set_yscale("log")
+    bars.set_xticks(range(len(names)), names, fontsize=7)
+    bars.set_ylabel("trajectory mean (<= 0 not drawn)")
+    bars.set_title(f"mean cosine per layer, MLP {c['mlp']}", fontsize=9)
+
+
+def _plot_bias_variance(ax: Any, r: dict[str, Any], variants: list[str]) -> None:
+    for v, rep in r["bias_variance"].items():
+        style = _style(v, variants)
+        for resolved, marker in ((True, "o"), (False, "v")):  # ▽: bias within 2 noise levels, drawn at 2x the noise
+            pts = [(x["relative_variance"], x["relative_bias"] if resolved else 2 * x["bias_noise"] / x["norm"])
+                   for x in rep["per_layer"].values()
+                   if x["relative_variance"] and x["norm"] and (x["bias"] > 2 * x["bias_noise"]) == resolved]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=marker, linestyle="none", color=style["color"],
+                        fillstyle="full" if style["linestyle"] == "-" else "none")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("relative variance E|ĝ - Eĝ|² / |g|²")
+    ax.set_ylabel("relative bias |Eĝ - g| / |g|")
+    ax.set_title(f"per layer, MLP {r['mlp']} (▽: bias < 2x its noise)", fontsize=9)
+
+
+def _plot_training(ax: Any, r: dict[str, Any], variants: list[str]) -> None:
+    seeds = 0
+    for v, t in r["training"].items():
+        mean = np.mean(np.asarray(t["test_acc"], dtype=float), axis=0)
+        ax.plot(t["eval_steps"], 100 * mean, label=variant_label(v), **_style(v, variants))
+        seeds = len(t["test"])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"MLP {r['mlp']}, mean of {seeds} seeds", fontsize=9)
 
 
 def summarize_follow_up(record: dict[str, Any]) -> str:
@@ -316,12 +356,13 @@ def summarize_follow_up(record: dict[str, Any]) -> str:
     rows = []
     for dataset in (k for k in res if k != "methods"):
         r = res[dataset]
+        cosine = r.get("cosine", {"mean": {}, "skipped": {}})
         for v in res["methods"]:
-            t = r["training"].get(v, {})
-            bv = r["bias_variance"].get(v, {}).get("total", {})
-            cos = r["cosine"]["mean"].get(v)
+            t = r.get("training", {}).get(v, {})
+            bv = r.get("bias_variance", {}).get(v, {}).get("total", {})
+            cos = cosine["mean"].get(v)
             rows.append((dataset, v, (t.get("train_mean"), t.get("train_std")), (t.get("test_mean"), t.get("test_std")),
-                         cos if cos is not None else ("skipped" if v in r["cosine"]["skipped"] else None),
+                         cos if cos is not None else ("skipped" if v in cosine["skipped"] else None),
                          bv.get("relative_bias"), bv.get("relative_variance")))
     return text_table(("dataset", "method", "train acc", "test acc", "mean cosine", "rel. bias", "rel. variance"),
                       rows, title=f"follow-up estimators: accuracy over {record['config']['seeds']} seeds after "
