@@ -212,6 +212,27 @@ def test_num_guesses_are_independent_for_a_broadcast_parameter(model_type):
     assert error(1) / error(32) > 8
 
 
+class Recurrent(nn.Module):
+    """An RNN over a sequence, batch-first or sequence-first (the batch moved to dim 1 inside the model)."""
+
+    def __init__(self, cell: type, batch_first: bool):
+        super().__init__()
+        self.rnn, self.head, self.batch_first = cell(4, 5, batch_first=batch_first), nn.Linear(5, 3), batch_first
+
+    def forward(self, x):  # x: [B, L, 4]
+        out, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        return self.head((out if self.batch_first else out.transpose(0, 1))[:, -1])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("cell", [nn.LSTM, pytest.param(nn.GRU, marks=pytest.mark.slow),
+                                  pytest.param(nn.RNN, marks=pytest.mark.slow)])
+def test_recurrent_layers(cell, batch_first):
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2])
+    check(Recurrent(cell, batch_first), lambda m: F.cross_entropy(m(x), y), "activation", guesses=100000)
+
+
 # --------------------------------------------------------------------------------------------- torch.compile
 def test_compile_after_attach_is_a_clear_error_and_the_model_stays_usable():
     torch.manual_seed(0)
