@@ -198,8 +198,18 @@ class Site:
         lifts = [e.consumer.weight.detach() for e in edges]
         if power != 1.0:
             lifts = [power_singular_values(w, power) for w in lifts]
-        targets = [primal.new_empty((), dtype=e.dtype).expand(*e.shape[:-1], w.shape[0])
-                   for e, w in zip(edges, lifts, strict=True)]
+        spans: dict[int, tuple[int, int, int] | None] = {}  # per chain, as _pulled_back's per replayed tensor
+        for e in edges:
+            if id(e.chain) not in spans:
+                leaf = primal.detach().requires_grad_(True)
+                with self._internal(), own_autograd():
+                    spans[id(e.chain)] = _dependent_span(e.chain(leaf, {}), leaf)
+        targets = []
+        for e, w in zip(edges, lifts, strict=True):
+            shape, span = list(e.shape[:-1]), spans[id(e.chain)]
+            if span is not None:
+                shape[span[0]] = span[2] - span[1]
+            targets.append(primal.new_empty((), dtype=e.dtype).expand(*shape, w.shape[0]))
 
         def pullback(cotangents: Iterable[Tensor]) -> Tensor:
             draws = iter(cotangents)
@@ -214,6 +224,11 @@ class Site:
                 leaf = primal.detach().requires_grad_(True)
                 with self._internal(), own_autograd():
                     x = chain(leaf, {})
+                    span = spans[id(chain)]
+                    if span is not None:
+                        full = summed.new_zeros(x.shape)
+                        full.narrow(span[0], span[1], span[2] - span[1]).copy_(summed)
+                        summed = full
                     (g,) = torch.autograd.grad(x, leaf, summed.to(x.dtype), allow_unused=True)
                 if g is not None:
                     total += g
