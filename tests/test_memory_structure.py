@@ -4,7 +4,7 @@ Memory is measured in ``guess-optim bench`` (a fresh process per runner); here w
 forward's activations the loss's autograd graph still reaches once the forward has returned. Backprop keeps every
 layer's input; ``directional`` keeps none (its estimate is ``d · V``, ``V`` weight-sized); ``store="recompute"`` keeps
 none for any method (the backward replays the forward); ``activation`` with the default store keeps each layer's
-input (its estimate is ``δᵀ x``) but not its guess (redrawn from the generator state).
+input (its estimate is ``δᵀ x``) but not a large guess (redrawn from the generator state).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from guess_optim import attach
+from guess_optim.step import REGENERATE_MIN_BYTES
 
 
-def mlp() -> nn.Sequential:
+def mlp(width: int = 16) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                         nn.Linear(16, 3))
+    return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width),
+                         nn.ReLU(), nn.Linear(width, 3))
 
 
 def _followed(obj) -> bool:
@@ -36,7 +37,7 @@ def _followed(obj) -> bool:
     return module.startswith("guess_optim") and not isinstance(obj, nn.Module)
 
 
-def storages_reached(root) -> set[int]:
+def storages_reached(root, records: list | None = None) -> set[int]:
     """The storages of every tensor reachable from ``root`` through the autograd graph and the objects its nodes
     hold (a custom Function's context, the engine's step and records); modules and parameters are not followed."""
     seen, found, stack = set(), set(), [root]
@@ -54,6 +55,8 @@ def storages_reached(root) -> set[int]:
             continue
         if not _followed(obj):
             continue
+        if records is not None and type(obj).__name__ == "ActivationRecord":
+            records.append(obj)
         if isinstance(obj, torch.autograd.graph.Node):
             stack.extend(fn for fn, _ in obj.next_functions if fn is not None)
             for name in dir(obj):  # saved tensors of built-in nodes
@@ -71,9 +74,9 @@ def storages_reached(root) -> set[int]:
     return found
 
 
-def activations_kept(method: str | None, **options) -> tuple[int, int]:
+def activations_kept(method: str | None, width: int = 16, **options) -> tuple[int, int]:
     """(hidden activations the loss still reaches after the forward, hidden activations in all)."""
-    model = mlp()
+    model = mlp(width)
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
     ptrs: list[int] = []
     guesses.clear()
@@ -81,28 +84,27 @@ def activations_kept(method: str | None, **options) -> tuple[int, int]:
     held: list[torch.Tensor] = []  # held here, so that no freed storage is reused by a later tensor (same address)
 
     def remember(module, args, output):
-        held.append(fwAD.unpack_dual(args[0])[0])
-        ptrs.append(held[-1].untyped_storage().data_ptr())
-        tangent = fwAD.unpack_dual(output)[1]
-        if tangent is not None and module is not linears[-1]:  # (the output's tangent is the JVP, kept)
-            held.append(tangent)
-            guesses.append(tangent.untyped_storage().data_ptr())
+        if module is not linears[0]:  # the hidden layers' inputs
+            held.append(fwAD.unpack_dual(args[0])[0])
+            ptrs.append(held[-1].untyped_storage().data_ptr())
 
     linears = [m for m in model if isinstance(m, nn.Linear)]
-    handles = [m.register_forward_hook(remember) for m in linears[1:]]  # the hidden layers' inputs
     with attach(model, method, seed=0, **options) if method else contextlib.nullcontext():
+        # after attach: the hooks see the outputs as the engine leaves them (a guess point's tangent is its guess)
+        handles = [m.register_forward_hook(remember) for m in linears]
         loss = F.cross_entropy(model(x), y)
         for h in handles:  # the forward's calls only (store="recompute" calls the layers again in backward)
             h.remove()
-        kept = storages_reached(loss.grad_fn)
+        records: list = []
+        kept = storages_reached(loss.grad_fn, records)
+        guesses[:] = [r.guess for r in records if r.guess is not None]
         loss.backward()  # the step completes
     ptrs = ptrs[-3:]  # the guessing forward's (a structured method's first step runs graph discovery before it)
-    guesses[:] = [p for p in guesses if p in kept]
     return len(set(ptrs) & kept), len(ptrs)
 
 
-guesses: list[int] = []
-"""Storages of the hidden layers' output tangents (an ``activation`` guess is one) the walk still reached."""
+guesses: list[torch.Tensor] = []
+"""The guesses the step's activation-space records keep (a regenerated one keeps the generator state instead)."""
 
 
 def test_backprop_keeps_every_layer_input():
@@ -110,10 +112,19 @@ def test_backprop_keeps_every_layer_input():
     assert activations_kept(None) == (3, 3)
 
 
-def test_activation_keeps_each_layer_input():
-    """``activation`` with the default store keeps the inputs its estimates read (as backprop does)."""
+def test_activation_keeps_each_layer_input_but_not_a_large_guess():
+    """``activation`` with the default store keeps the inputs its estimates read (as backprop does); a guess of at
+    least ``REGENERATE_MIN_BYTES`` (a 32 x 2048 float32 layer output: 256 KiB) is drawn again in backward from the
+    generator state, not kept."""
+    assert REGENERATE_MIN_BYTES == 32 * 2048 * 4
+    assert activations_kept("activation", width=2048) == (3, 3)
+    assert [tuple(g.shape) for g in guesses] == [(32, 3)]  # the output layer's only (32 x 3: small)
+
+
+def test_activation_keeps_a_small_guess():
+    """A small layer's guess is kept (drawing it twice would cost more time than it saves memory)."""
     assert activations_kept("activation") == (3, 3)
-    assert not guesses  # the guesses are drawn again in backward from the generator state
+    assert len(guesses) == 4  # every layer's, the output layer's too
 
 
 @pytest.mark.parametrize("method", ["directional", "wt", "activation"])
