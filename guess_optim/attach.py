@@ -160,3 +160,16 @@ def _check_model(model: nn.Module, head: nn.Module | None) -> None:
         raise ValueError("head must be a submodule of the model")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    complex_params = [n for n, p in model.named_parameters() if p.requires_grad and p.is_complex()]
+    if complex_params:
+        raise ValueError(
+            f"trainable complex parameter {complex_params[0]!r}: guessed gradients do not support complex values (the "
+            "estimate would be noise); use method='backprop' for this model"
+        )
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.scale_grad_by_freq and m.weight.requires_grad:
+            raise ValueError(
+                f"nn.Embedding {n!r} has scale_grad_by_freq=True: its gradient divides by each token's count in the "
+                "batch, which mixes the examples (a per-example directional derivative cannot carry it). Set "
+                "scale_grad_by_freq=False, or use method='backprop'"
+            )

@@ -272,7 +272,13 @@ class GuessHandle:
                 or torch.is_inference_mode_enabled()):
             return None
         _refuse_compiled(self.model)
-        self._step, args, kwargs = GuessingStep.open(self, args, kwargs)
+        try:
+            self._step, args, kwargs = GuessingStep.open(self, args, kwargs)
+        except Exception as error:
+            if self.num_guesses > 1:
+                error.add_note(_REPEATED_BATCH_NOTE.format(k=self.num_guesses))
+                error._guess_optim_noted = True
+            raise
         return args, kwargs
 
     def _on_product_pre(self, module: nn.Module, args: tuple) -> tuple | None:
@@ -333,7 +339,9 @@ class GuessHandle:
                     raise RuntimeError(
                         f"head module {self.names.get(self.head)!r} was not called during the model's forward")
                 with self.internal():
-                    return step.collect(output, "of the model", primary=self.head is self.model)
+                    output = step.collect(output, "of the model", primary=self.head is self.model)
+                _refuse_lost(step)
+                return output
         finally:
             self._close_step()
         return None
@@ -361,6 +369,26 @@ class GuessHandle:
             ) from e
 
 
+def _refuse_lost(step: GuessingStep) -> None:
+    """A tensor computed from the guesses without the batch dim that outlives the forward (kept on a module: an
+    auxiliary loss, a load-balancing term) would join the loss without a path to the estimate: its contribution would
+    be dropped silently. Refused."""
+    import gc
+
+    lost = step.tracker.lost()
+    if not lost:
+        return
+    gc.collect()  # a tensor held only by a reference cycle of the forward's frames is not kept
+    lost = step.tracker.lost()
+    if lost:
+        raise GuessingNotSupportedError(
+            f"a tensor of shape {tuple(lost[0].shape)} computed from the guessed activations without the batch dim "
+            "outlives the model's forward (stored on a module or in a global: an auxiliary loss, a load-balancing "
+            "or activation penalty): its gradient would be dropped from the estimate. Return it from forward per "
+            "example (shape [batch, ...]) and reduce it in the loss, or .detach() it if it is only a statistic."
+        )
+
+
 def _refuse_compiled(model: nn.Module) -> None:
     """``torch.compile`` traces the forward into a graph that forward-mode tangents do not pass through: the estimates
     would be zeros. Refuse it, whether the whole model or a submodule was compiled, before or after ``attach``."""
@@ -374,6 +402,12 @@ def _refuse_compiled(model: nn.Module) -> None:
             )
         frame = frame.f_back
     for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            raise GuessingNotSupportedError(
+                f"submodule {name!r} is a TorchScript module (torch.jit.script / trace), which runs outside Python's "
+                "torch functions: its parameters would get no estimate. Keep it an ordinary nn.Module while training "
+                "with guessed gradients"
+            )
         if getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule":
             raise GuessingNotSupportedError(
                 f"submodule {name!r} is compiled (torch.compile / module.compile()), and compiled graphs drop "

@@ -200,7 +200,9 @@ class Site:
             lifts = [power_singular_values(w, power) for w in lifts]
         spans: dict[int, tuple[int, int, int] | None] = {}  # per chain, as _pulled_back's per replayed tensor
         for e in edges:
-            if id(e.chain) not in spans:
+            if id(e.chain) not in spans and len(e.shape) < 3:
+                spans[id(e.chain)] = None  # (no rows to narrow: the chain is not replayed for nothing)
+            elif id(e.chain) not in spans:
                 leaf = primal.detach().requires_grad_(True)
                 with self._internal(), own_autograd():
                     spans[id(e.chain)] = _dependent_span(e.chain(leaf, {}), leaf)

@@ -34,7 +34,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .boundary import Estimate, collect
 from .contexts import load_jvp_decompositions, parameters_frozen, primal
@@ -121,8 +121,16 @@ class GuessingStep:
                 "torch.autograd.forward_ad.dual_level(), which PyTorch does not nest"
             )
         needs_graph = handle.estimator.needs is not None or handle.exact_head
-        graph = handle.graphs.get(args, kwargs) if needs_graph else None
+        graph = handle.graphs.get(args, _repeat_labels(kwargs, batch, handle.num_guesses)) if needs_graph else None
         trainable = {id(p): p for p in handle.model.parameters() if p.requires_grad}
+        computed = [n for n, p in handle.model.named_parameters() if p.requires_grad and not p.is_leaf]
+        if computed:
+            raise GuessingNotSupportedError(
+                f"the model's parameter {computed[0]!r} is a computed tensor, not a leaf (torch.func.functional_call "
+                "with fast weights, as in MAML): its gradient needs derivatives through the computation that made it, "
+                "which guessed gradients do not give. Call the model with its own parameters, or use "
+                "method='backprop' (or handle.paused()) for this step."
+            )
         step = cls(handle, batch=batch, graph=graph, trainable=trainable)
         if handle.store == "recompute":
             step.saved = save_for_replay(handle, args, kwargs)
@@ -434,6 +442,16 @@ def _project(d: Tensor, gram: Tensor, k: int) -> Tensor:
     return (k * coeffs.squeeze(-1)).T.reshape(-1).to(d.dtype)
 
 
+def _repeat_labels(kwargs: dict, batch: int, k: int) -> dict:
+    """The keyword arguments with the labels repeated like the batch, for graph discovery: its forward is not cut at
+    the head, so a loss computed inside forward sees ``K x B`` logits there."""
+    if k == 1:
+        return kwargs
+    return {key: tree_map(lambda t: t.repeat(k, *([1] * (t.dim() - 1))) if isinstance(t, Tensor) and t.dim() > 0
+                          and t.shape[0] == batch else t, v) if key in _NO_REPEAT_KWARGS else v
+            for key, v in kwargs.items()}
+
+
 def _batch_inputs(handle: GuessHandle, args: tuple, kwargs: dict) -> tuple[int, tuple, dict, dict[int, Tensor]]:
     """Check the model's inputs and repeat the batch-shaped ones ``K`` times along dim 0 (``num_guesses=K``).
 
@@ -442,6 +460,13 @@ def _batch_inputs(handle: GuessHandle, args: tuple, kwargs: dict) -> tuple[int, 
         the flattened ``(args, kwargs)``) to the user's tensor (it is detached here and guessed as a guess point).
     """
     for bn in handle.layout.batchnorms:
+        if not bn.training and not bn.track_running_stats:
+            raise RuntimeError(
+                f"{type(bn).__name__} {handle.names[bn]!r} has track_running_stats=False, so it normalizes with the "
+                "batch's statistics even in eval mode: it mixes the examples of a batch, which breaks the per-example "
+                "directional derivatives of guessed gradients. Use track_running_stats=True (and eval mode), or "
+                "GroupNorm/LayerNorm instead."
+            )
         if bn.training:
             raise RuntimeError(
                 f"{type(bn).__name__} {handle.names[bn]!r} is in training mode: it mixes the examples of a "
