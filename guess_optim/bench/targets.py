@@ -61,6 +61,8 @@ TARGETS: tuple[Target, ...] = (
            1.0, _MLP_24X1024),
     Target("wt step peak <= 1.0x backprop, default store (24x1024 MLP, batch 1024)", "memory", "wt", 1.0,
            _MLP_24X1024),
+    Target("wt@release step peak <= 0.35x backprop, stepping in backward (24x1024 MLP, batch 1024)", "memory",
+           "wt@release", 0.35, _MLP_24X1024),
     Target("directional step time no slower than torchzero's forward gradient", "no-slower", "directional",
            other="torchzero-fg"),
 )
