@@ -245,6 +245,8 @@ class GuessingStep:
         params = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in self.trainable}
         graph = self.graph
         record, contribution = self._record(module, params, tuple(primal(a) for a in args), out, rows)
+        if self.replaying:
+            contribution = None  # (the guess: the record alone holds it, and lets go of it with its estimate)
         self.release_graph(module)
         self.handle.captured(self.handle.names[module], record, graph, module)
         self.add_record(record)
