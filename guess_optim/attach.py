@@ -110,7 +110,8 @@ def attach(
             ``on_nonfinite="skip"`` its step is skipped with a warning, the parameters delivered before it keep their
             step; ``"raise"`` raises, leaving the parameters delivered before it stepped; ``"propagate"`` is refused).
             Without a hook that steps and clears ``p.grad``, the estimates simply accumulate into ``p.grad`` as usual
-            (with a warning: the memory saving is lost). (default: ``False``)
+            (with a warning: the memory saving is lost). With ``method="backprop"`` it changes nothing: autograd
+            already accumulates each gradient as soon as it is formed. (default: ``False``)
         **options: the estimator's own options, e.g. ``power=`` of ``"wt"`` (also ``wt_power=``), ``layers=`` and
             ``distribution=`` of ``"downstream"`` (also ``downstream_layers=``). See each class in
             :mod:`guess_optim.estimators`.

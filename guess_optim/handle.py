@@ -72,6 +72,7 @@ class GuessHandle:
         self.combine = combine
         self.gradient_release = gradient_release
         self._warned_release = False  # the one warning that no hook consumed a released estimate
+        self._release: Any = None  # weakref to the last step's GradientRelease (gradient_release)
         self.layout = Layout.of(model)
         self.param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self.names = self.layout.names

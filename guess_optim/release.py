@@ -13,7 +13,9 @@ the parameters already delivered.
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,15 +70,36 @@ class GradientRelease:
 
     Attributes:
         skipped: names of the parameters whose estimate was not finite and was not delivered (``on_nonfinite="skip"``).
+        done: the backward has delivered every estimate (or skipped the step).
+
+    Raises:
+        RuntimeError: several ranks (:func:`refuse_distributed`), or the previous guessing forward's estimates are
+            still to be delivered (two forwards, one backward: its replay would see parameters the first backward
+            already stepped, and each parameter would be stepped twice).
     """
 
     def __init__(self, handle: GuessHandle, trainable: dict[int, Tensor]):
         refuse_distributed("at the forward")
+        previous = handle._release() if handle._release is not None else None
+        if previous is not None and not previous.done:
+            del previous
+            gc.collect()  # (in case a reference cycle alone keeps a dropped forward's step)
+            previous = handle._release()
+        if previous is not None and not previous.done:
+            raise RuntimeError(
+                "gradient_release=True: a second guessing forward before the backward of the first, whose output is "
+                "still alive. Stepping in backward needs one backward per forward (two losses summed into one "
+                "backward would step each parameter twice, the second time from a forward replayed on already "
+                "stepped weights). Call backward() after each forward, run forwards that are not trained on under "
+                "torch.no_grad() or model.eval(), or use gradient_release=False."
+            )
+        handle._release = weakref.ref(self)
         self.handle = handle
         self.trainable = trainable
         self.expected: dict[int, int] = {}
         self.delivered: set[int] = set()
         self.skipped: list[str] = []
+        self.done = False
 
     def anchored(self) -> list[Tensor]:
         """What the boundary takes instead of the parameters: a leaf that requires grad (so that the loss does) and
@@ -112,6 +135,7 @@ class GradientRelease:
                 )
         if bool(torch.isfinite(d).all()):
             return True
+        self.done = True
         self.handle.nonfinite.apply(d, [], [])  # counts the step, warns or raises
         return False
 
@@ -141,6 +165,7 @@ class GradientRelease:
         for key in [k for k in grads if k in self.trainable and k not in self.delivered]:
             self.deliver(key, grads)
         self.expected.clear()
+        self.done = True
 
     def deliver(self, key: int, grads: dict[int, Tensor]) -> None:
         """Accumulate ``grads[key]`` (removed from it) into the parameter's ``.grad``; autograd runs its hooks.

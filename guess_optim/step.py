@@ -152,6 +152,7 @@ class GuessingStep:
         """Leave everything the step entered (contexts, grad mode, the dual level), once."""
         if not self.closed:
             self.closed = True
+            self.anchor = None  # its node holds the step: no cycle, the step goes with the graph (or at once, unused)
             self._stack.close()
 
     # ----------------------------------------------------------------------------------------------- the forward

@@ -179,10 +179,13 @@ def test_without_a_stepping_hook_the_estimates_accumulate_as_usual_with_a_warnin
         torch.testing.assert_close(q.grad, p.grad, **TOL)
 
 
-def test_backprop_steps_in_backward_too():
-    """OptimizerInBackward with plain backprop (no attach) is the same as the plain loop."""
+@pytest.mark.parametrize("attached", [False, True])
+def test_backprop_steps_in_backward_too(attached):
+    """OptimizerInBackward with plain backprop (no attach, or method="backprop") is the same as the plain loop."""
     model, x, y = mlp_and_batch()
     plain = copy.deepcopy(model)
+    if attached:
+        attach(model, "backprop", gradient_release=True)
     opt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
     OptimizerInBackward(model, functools.partial(torch.optim.AdamW, lr=1e-2))
     for _ in range(2):
@@ -334,3 +337,18 @@ def test_optimizer_in_backward_clips_per_parameter_and_round_trips_its_state():
     with pytest.raises(ValueError, match="optimizers"):
         clipped.load_state_dict({"optimizers": state["optimizers"][:1]})
     assert "SGD" in repr(clipped)
+
+
+def test_two_forwards_before_one_backward_are_refused():
+    """Summing two forwards' losses would step each parameter twice, the second from a replay on stepped weights."""
+    model, x, y = mlp_and_batch()
+    attach(model, "wt", seed=0, store="recompute", gradient_release=True)
+    OptimizerInBackward(model, functools.partial(torch.optim.SGD, lr=0.1))
+    first = F.cross_entropy(model(x), y)
+    with pytest.raises(RuntimeError, match="second guessing forward"):
+        model(x)
+    first.backward()
+    F.cross_entropy(model(x), y).backward()  # one forward, one backward: fine again
+    del first
+    model(x)  # a forward whose output is dropped does not block the next one
+    F.cross_entropy(model(x), y).backward()
