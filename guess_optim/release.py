@@ -70,7 +70,7 @@ class GradientRelease:
 
     Attributes:
         skipped: names of the parameters whose estimate was not finite and was not delivered (``on_nonfinite="skip"``).
-        done: the backward has delivered every estimate (or skipped the step).
+        started: the step's backward has begun (it delivers, or skips the step, or raised).
 
     Raises:
         RuntimeError: several ranks (:func:`refuse_distributed`), or the previous guessing forward's estimates are
@@ -81,11 +81,11 @@ class GradientRelease:
     def __init__(self, handle: GuessHandle, trainable: dict[int, Tensor]):
         refuse_distributed("at the forward")
         previous = handle._release() if handle._release is not None else None
-        if previous is not None and not previous.done:
+        if previous is not None and not previous.started:
             del previous
             gc.collect()  # (in case a reference cycle alone keeps a dropped forward's step)
             previous = handle._release()
-        if previous is not None and not previous.done:
+        if previous is not None and not previous.started:
             raise RuntimeError(
                 "gradient_release=True: a second guessing forward before the backward of the first, whose output is "
                 "still alive. Stepping in backward needs one backward per forward (two losses summed into one "
@@ -99,7 +99,7 @@ class GradientRelease:
         self.expected: dict[int, int] = {}
         self.delivered: set[int] = set()
         self.skipped: list[str] = []
-        self.done = False
+        self.started = False
 
     def anchored(self) -> list[Tensor]:
         """What the boundary takes instead of the parameters: a leaf that requires grad (so that the loss does) and
@@ -122,6 +122,7 @@ class GradientRelease:
             RuntimeError: a parameter stepped in backward already holds a gradient (accumulation).
             FloatingPointError: ``d`` not finite, with ``on_nonfinite="raise"``.
         """
+        self.started = True
         for key in self.expected:
             p = self.trainable[key]
             if p.grad is not None and getattr(p, "_post_accumulate_grad_hooks", None):
@@ -135,7 +136,6 @@ class GradientRelease:
                 )
         if bool(torch.isfinite(d).all()):
             return True
-        self.done = True
         self.handle.nonfinite.apply(d, [], [])  # counts the step, warns or raises
         return False
 
@@ -165,7 +165,6 @@ class GradientRelease:
         for key in [k for k in grads if k in self.trainable and k not in self.delivered]:
             self.deliver(key, grads)
         self.expected.clear()
-        self.done = True
 
     def deliver(self, key: int, grads: dict[int, Tensor]) -> None:
         """Accumulate ``grads[key]`` (removed from it) into the parameter's ``.grad``; autograd runs its hooks.

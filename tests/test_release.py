@@ -231,6 +231,7 @@ def test_a_non_finite_estimate_raises_with_on_nonfinite_raise():
     with pytest.raises(FloatingPointError, match=r"layers\.1\.weight"):
         (1e3 * F.cross_entropy(model(x), y)).backward()
     assert torch.isfinite(model.layers[1].weight).all()
+    model(x)  # the raised backward does not block the next forward
 
 
 def test_non_finite_directional_derivatives_skip_every_parameter():
