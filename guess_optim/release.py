@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import warnings
 import weakref
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -107,6 +108,14 @@ class GradientRelease:
         time at the end of ``backward()``, with ``p.grad`` ``None``."""
         first = next(iter(self.trainable.values()))
         return [first.new_zeros((), requires_grad=True)]
+
+    @staticmethod
+    def aliases(out: Tensor, params: Iterable[Tensor]) -> bool:
+        """Whether a guess point's output shares memory with one of its parameters (``PromptTokens`` returns its
+        parameter expanded to the batch): stepped in place during the replay, the parameter would change the output
+        under the ops that read it later, so the replay reads a copy."""
+        ptr = out.untyped_storage().data_ptr()
+        return any(p.untyped_storage().data_ptr() == ptr for p in params)
 
     def expect(self, record: Record) -> None:
         """The forward: ``record`` will contribute to its parameters' estimates."""

@@ -246,13 +246,16 @@ class GuessingStep:
         params = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in self.trainable}
         graph = self.graph
         record, contribution = self._record(module, params, tuple(primal(a) for a in args), out, rows)
+        copied = None
         if self.replaying:
             contribution = None  # (the guess: the record alone holds it, and lets go of it with its estimate)
+            if self.release is not None and self.release.aliases(out, params.values()):
+                copied = self.tracker.mark(out.clone(), rows, False)  # a view of a parameter stepped in place below
         self.release_graph(module)
         self.handle.captured(self.handle.names[module], record, graph, module)
         self.add_record(record)
         if self.replaying or contribution is None:
-            return None if self.replaying else self.tracker.mark(output, rows, True)
+            return copied if self.replaying else self.tracker.mark(output, rows, True)
         if 0 in out.stride():  # a broadcast view (PromptTokens): a dual tensor needs its own memory
             out = out.contiguous()
         new_tangent = contribution if tangent is None else tangent + contribution

@@ -353,3 +353,52 @@ def test_two_forwards_before_one_backward_are_refused():
     del first
     model(x)  # a forward whose output is dropped does not block the next one
     F.cross_entropy(model(x), y).backward()
+
+
+class Prompted(nn.Module):
+    """Prompt tokens (a guess point whose output is a view of its parameter) read after their own guess point."""
+
+    def __init__(self):
+        super().__init__()
+        from guess_optim import PromptTokens
+
+        self.prompts = PromptTokens(2, 5)
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        prompts = self.prompts(x.shape[0])  # [B, 2, 5], a broadcast view of the parameter
+        h = torch.tanh(self.fc(x))  # another layer runs before the prompts are read
+        return self.head(torch.cat([prompts, h], 1).mean(1))
+
+
+@pytest.mark.parametrize("method", ["activation", "wt"])
+def test_an_output_that_views_a_stepped_parameter_keeps_the_forward_values(method):
+    """PromptTokens returns the parameter expanded to the batch: stepped in place during the replay, the view read
+    later must still hold the values the first forward read."""
+
+    def build():
+        torch.manual_seed(0)
+        return Prompted(), torch.randn(4, 3, 5), torch.randint(0, 3, (4,))
+
+    _, plain, released = plain_and_released(build, method, steps=2, store="recompute")
+    for p, q in zip(plain.parameters(), released.parameters(), strict=True):
+        torch.testing.assert_close(q, p, **TOL)
+
+
+@pytest.mark.parametrize("method", ["activation", "wt"])
+def test_visual_prompt_tuning_of_a_tiny_vit(method):
+    """VPT-deep (PromptTokens in every layer, a trained head) on a tiny Hugging Face ViT: the bench's runners with and
+    without stepping in backward (same AdamW, same seed) end at the same parameters."""
+    pytest.importorskip("transformers")
+    from guess_optim.bench.runners import Runner, build
+    from guess_optim.bench.suite import Config
+
+    built = build(Config("vpt-vit-tiny", 4), torch.device("cpu"), 0)
+    plain, released = Runner(f"{method}@recompute", built, seed=0), Runner(f"{method}@release", built, seed=0)
+    for _ in range(2):
+        plain.step()
+        released.step()
+    for p, q in zip(plain.params, released.params, strict=True):
+        torch.testing.assert_close(q, p, **TOL)
+        assert q.grad is None
