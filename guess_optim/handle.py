@@ -32,6 +32,16 @@ _DYNAMO_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
 """The attribute of the model that holds its handle (so :func:`~guess_optim.handle_of` finds it, also on a copy)."""
 
 
+_REPEATED_BATCH_NOTE = (
+    "guess_optim: this forward ran with num_guesses={k}: the model's batch-shaped inputs were repeated {k} times along "
+    "dim 0 (all but labels=, label=, targets=), and the head's output was cut back to the batch's rows. Code inside "
+    "forward that mixes the two fails like this: pooling or a loss after head= that reads the batch size from the "
+    "repeated inputs (transformers' *ForSequenceClassification of decoder models), or labels used before the model "
+    "(peft's prompt tuning and P-tuning of a causal LM). Use num_guesses=1 (average guesses over steps instead), or "
+    "compute the loss outside forward (do not pass labels=; head=None)."
+)
+
+
 class GuessHandle:
     """Guessed gradients attached to a model; returned by :func:`~guess_optim.attach`.
 
@@ -319,8 +329,12 @@ class GuessHandle:
         step = self._step
         if self._internal or step is None or step.replaying:
             return None
+        error = sys.exc_info()[1]
+        if error is not None and self.num_guesses > 1 and not getattr(error, "_guess_optim_noted", False):
+            error.add_note(_REPEATED_BATCH_NOTE.format(k=self.num_guesses))  # a hook cannot replace the error
+            error._guess_optim_noted = True
         try:
-            if not step.closed and sys.exc_info()[0] is None and output is not None:  # not when forward raised
+            if not step.closed and error is None and output is not None:  # not when forward raised
                 if self.head is not self.model and not step.head_called:
                     raise RuntimeError(
                         f"head module {self.names.get(self.head)!r} was not called during the model's forward")

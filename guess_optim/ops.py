@@ -309,12 +309,16 @@ class GuessingMode(TorchFunctionMode):
 
     def _broadcast_tangent(self, t: Tensor, sources: tuple[Tensor, ...]) -> Tensor:
         """A tensor computed from parameters alone but larger than them (a parameter expanded to the batch): the
-        parameters get their own weight guesses ``V`` (shared by the ``num_guesses`` blocks), and ``t`` the tangent
-        they give it, ``J V``, by double backward through the parameter-only ops (no second forward-AD level)."""
-        step = self.step
-        vs = [step.weight_guesses(p)[0] for p in sources]
-        for p, v in zip(sources, vs, strict=True):
-            record = WeightRecord(None, {"weight": p}, (), stacks={"weight": v.expand(step.k, *v.shape)})
+        parameters get their own weight guesses ``V``, and ``t`` the tangent they give it, ``J V``, by double backward
+        through the parameter-only ops (no second forward-AD level). With ``num_guesses=K`` and ``t`` expanded to the
+        ``K`` repeated blocks along dim 0, each block gets its own ``V`` (``K`` double backwards); otherwise the blocks
+        share one."""
+        step, k = self.step, self.step.k
+        stacks = [step.weight_guesses(p) for p in sources]
+        per_block = k > 1 and t.dim() > 0 and t.shape[0] == step.rows
+        for p, v in zip(sources, stacks, strict=True):
+            v = v if per_block else v[:1].expand(k, *v.shape[1:])
+            record = WeightRecord(None, {"weight": p}, (), stacks={"weight": v})
             step.add_record(record)
             step.handle.captured(step.op_name(None, [p]), record, None)
         if step.replaying:
@@ -326,13 +330,24 @@ class GuessingMode(TorchFunctionMode):
         try:
             with torch.enable_grad():
                 grads = torch.autograd.grad(t, sources, u, create_graph=True, retain_graph=True, allow_unused=True)
-                pairs = [(g, v) for g, v in zip(grads, vs, strict=True) if g is not None and g.requires_grad]
-                tangent = torch.autograd.grad([g for g, _ in pairs], u, [v for _, v in pairs])[0] if pairs else None
+                pairs = [(g, v) for g, v in zip(grads, stacks, strict=True) if g is not None and g.requires_grad]
+                blocks = []
+                for j in range((k if per_block else 1) if pairs else 0):
+                    last = j == (k - 1 if per_block else 0)
+                    jv = torch.autograd.grad([g for g, _ in pairs], u, [v[j] for _, v in pairs], retain_graph=not last)
+                    blocks.append(jv[0].detach())
         finally:
             for p in frozen:
                 p.requires_grad_(False)
         value = t.detach().contiguous() if 0 in t.stride() else t.detach()  # an expanded view: a dual needs memory
-        return fwAD.make_dual(value, torch.zeros_like(value) if tangent is None else tangent.detach())
+        if not pairs:
+            return fwAD.make_dual(value, torch.zeros_like(value))
+        if per_block:
+            b = step.batch
+            tangent = torch.cat([blk[j * b:(j + 1) * b] for j, blk in enumerate(blocks)])
+        else:
+            tangent = blocks[0]
+        return fwAD.make_dual(value, tangent)
 
     def _weight_records(self, stacks: dict[int, tuple[Tensor, Tensor]], per_block: bool) -> None:
         step = self.step

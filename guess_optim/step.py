@@ -55,6 +55,11 @@ if TYPE_CHECKING:
 
 __all__ = ["GuessingStep", "ProductTangents"]
 
+REGENERATE_MIN_BYTES = 1 << 18
+"""A regenerable estimator's guess at least this large (256 KiB) is drawn again in backward from the generator state
+instead of kept: memory where it matters; a smaller one is kept (drawing twice costs more than it saves on small
+layers). The estimate is the same either way."""
+
 _NO_REPEAT_KWARGS = frozenset({"labels", "label", "targets"})
 _RAW_ESTIMATOR = Directional()  # raw_parameters="directional" with an activation-space method
 
@@ -298,7 +303,7 @@ class GuessingStep:
             jvp = None if self.replaying else weight_space_jvp(module, inputs, stacks, out.shape[0], handle.internal)
             return record, jvp
         regenerate = (self.estimator.regenerable and handle.store == "activations" and not self.replaying
-                      and handle._captured is None)
+                      and handle._captured is None and out.numel() * out.element_size() >= REGENERATE_MIN_BYTES)
         state = handle.generator(out.device).get_state() if regenerate else None
         guess = self.draw_guess(out, rows, handle.names[module], module, edges)
         record = ActivationRecord(module, params, inputs, guess=guess, rows=tuple(rows))
