@@ -59,15 +59,18 @@ class GuessHandle:
         head: the module whose output ends the guessing region (the model itself by default).
         store: ``"activations"`` or ``"recompute"``.
         combine: how the ``num_guesses`` guesses combine: ``"mean"`` or ``"project"``.
+        gradient_release: whether each parameter's estimate goes to autograd as soon as it is complete, for an
+            optimizer stepped in backward (:class:`~guess_optim.optim.OptimizerInBackward`).
         guess_points: the modules that draw a guess.
-        skipped_steps: number of backward passes whose estimate was not finite and was not written.
+        skipped_steps: number of backward passes whose estimate was not finite and was not written (with
+            ``gradient_release``: of which at least one parameter's estimate was not finite and not delivered).
         last_step_skipped: whether the most recent backward's estimate was not finite (and so not written,
             unless ``on_nonfinite="propagate"``): the optimizer step should be skipped.
     """
 
     def __init__(self, model: nn.Module, estimator: Estimator, *, seed: int, exact_head: bool, num_guesses: int,
                  head: nn.Module | None, on_nonfinite: str, store: str, raw_parameters: str,
-                 combine: str = "mean"):
+                 combine: str = "mean", gradient_release: bool = False):
         self.model = model
         self.estimator = estimator
         self.seed = seed
@@ -77,6 +80,9 @@ class GuessHandle:
         self.store = store
         self.raw_parameters = raw_parameters
         self.combine = combine
+        self.gradient_release = gradient_release
+        self._warned_release = False  # the one warning that no hook consumed a released estimate
+        self._release: Any = None  # weakref to the last step's GradientRelease (gradient_release)
         self.layout = Layout.of(model)
         self.param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self.names = self.layout.names

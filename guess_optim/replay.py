@@ -46,7 +46,7 @@ def replay(step: GuessingStep) -> dict[int, Tensor]:
     handle, saved = step.handle, step.saved
     model = handle.model
     again = GuessingStep(handle, batch=step.batch, graph=step.graph, trainable=step.trainable, replaying=True)
-    again.d, again.grad_rep = step.d, step.grad_rep
+    again.d, again.grad_rep, again.release = step.d, step.grad_rep, step.release
     trainable = [p for p in model.parameters() if id(p) in step.trainable]
     needs_graph = handle.estimator.needs is not None or handle.exact_head
     buffers = [b.detach().clone() for b in model.buffers()]  # the user's forward already updated them

@@ -46,6 +46,7 @@ from .local_grad import product_tangent, weight_space_jvp
 from .ops import GuessingMode, Rows, Tracker, from_rows, to_rows
 from .prompts import PromptTokens
 from .records import ActivationRecord, ExactHeadRecord, InputRecord, Record, WeightRecord
+from .release import GradientRelease
 from .replay import save_for_replay
 from .site import Site
 
@@ -102,6 +103,7 @@ class GuessingStep:
         self.d: Tensor | None = None  # [N] directional derivatives, set in backward
         self.grad_rep: Tensor | None = None  # ∂L/∂z of the first collected output, repeated to N rows
         self.grads: dict[int, Tensor] = {}
+        self.release: GradientRelease | None = None  # gradient_release=True: delivers each estimate once complete
         self._stack = contextlib.ExitStack()
 
     # -------------------------------------------------------------------------------------------------- lifetime
@@ -132,13 +134,17 @@ class GuessingStep:
                 "method='backprop' (or handle.paused()) for this step."
             )
         step = cls(handle, batch=batch, graph=graph, trainable=trainable)
+        if handle.gradient_release:
+            step.release = GradientRelease(handle, trainable)
         if handle.store == "recompute":
             step.saved = save_for_replay(handle, args, kwargs)
             step.saved["needing_grad"] = needing_grad
         load_jvp_decompositions()
         stack = step._stack
         try:
-            step.anchor = Estimate.apply(step, *trainable.values(), *needing_grad.values())
+            # released parameters get their estimates apart (guess_optim.release): one leaf stands for them all
+            anchored = trainable.values() if step.release is None else step.release.anchored()
+            step.anchor = Estimate.apply(step, *anchored, *needing_grad.values())
             step.params = {id(t): t for t in (*trainable.values(), *needing_grad.values())}
             stack.callback(fwAD.exit_dual_level, level=fwAD.enter_dual_level())
             stack.callback(torch.set_grad_enabled, torch.is_grad_enabled())
@@ -159,6 +165,7 @@ class GuessingStep:
         """Leave everything the step entered (contexts, grad mode, the dual level), once."""
         if not self.closed:
             self.closed = True
+            self.anchor = None  # its node holds the step: no cycle, the step goes with the graph (or at once, unused)
             self._stack.close()
 
     # ----------------------------------------------------------------------------------------------- the forward
@@ -187,7 +194,12 @@ class GuessingStep:
             self.params.setdefault(id(p), p)
         if self.replaying:
             self.accumulate(record)
-        elif self.handle.store == "activations" and guessed:
+            if self.release is not None and guessed:
+                self.release.arrived(record, self.grads)
+            return
+        if self.release is not None and guessed:
+            self.release.expect(record)
+        if self.handle.store == "activations" and guessed:
             self.records.append(record)
 
     def weight_guesses(self, param: Tensor) -> Tensor:
@@ -247,11 +259,16 @@ class GuessingStep:
         params = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in self.trainable}
         graph = self.graph
         record, contribution = self._record(module, params, tuple(primal(a) for a in args), out, rows)
+        copied = None
+        if self.replaying:
+            contribution = None  # (the guess: the record alone holds it, and lets go of it with its estimate)
+            if self.release is not None and self.release.aliases(out, params.values()):
+                copied = self.tracker.mark(out.clone(), rows, False)  # a view of a parameter stepped in place below
         self.release_graph(module)
         self.handle.captured(self.handle.names[module], record, graph, module)
         self.add_record(record)
         if self.replaying or contribution is None:
-            return None if self.replaying else self.tracker.mark(output, rows, True)
+            return copied if self.replaying else self.tracker.mark(output, rows, True)
         if 0 in out.stride():  # a broadcast view (PromptTokens): a dual tensor needs its own memory
             out = out.contiguous()
         new_tangent = contribution if tangent is None else tangent + contribution
@@ -375,6 +392,10 @@ class GuessingStep:
         self.d = d if d is not None else next(iter(self.params.values())).new_zeros(self.rows)
         if self.handle.combine == "project":
             self.d = self._projected(self.d)
+        release = self.release
+        if release is not None and not release.start(self.d):  # not finite: the policy skipped (or raised)
+            self.records, self.saved, self.grad_z = [], None, {}
+            return [None] * (1 + len(self.params) - len(self.trainable))
         if self.handle.store == "recompute":
             from .replay import replay
 
@@ -384,12 +405,19 @@ class GuessingStep:
             for i, r in enumerate(records):
                 records[i] = None  # the record's saved input goes as soon as its estimate is made (as in backprop)
                 self.accumulate(r)
+                if release is not None:
+                    release.arrived(r, self.grads)
                 del r
+        if release is not None:
+            release.finish(self.grads)
         params = list(self.params.values())
         out = [self.grads.get(id(p)) for p in params]
         self.grads = {}  # the list is the estimates' only holder: autograd takes them without a copy
         self.records, self.grads, self.saved, self.grad_z = [], {}, None, {}
-        return self.handle.nonfinite.apply(self.d, out, params)
+        if release is None:
+            return self.handle.nonfinite.apply(self.d, out, params)
+        grads = self.handle.nonfinite.apply(self.d, out, params, release.skipped)
+        return [None, *grads[len(self.trainable):]]  # the leaf standing for the released parameters, inputs
 
 
 class ProductTangents:
