@@ -1,4 +1,5 @@
-"""Peak memory of a training step: backprop vs guessed gradients with ``store="activations"`` / ``"recompute"``.
+"""Peak memory of a training step: backprop vs guessed gradients with ``store="activations"`` / ``"recompute"``, and
+``"recompute"`` stepping in backward (``gradient_release=True`` with :class:`guess_optim.optim.OptimizerInBackward`).
 
 Each configuration runs in a fresh process (``multiprocessing`` spawn), so one configuration's allocator caches do not
 pollute the next. The process builds a deep MLP (:class:`guess_optim.models.MLP`, or with ``--residual`` an MLP of
@@ -20,10 +21,12 @@ Peak memory of a step:
   leaves the resident set (see :func:`run_isolated`). ``tracemalloc`` does not see torch's tensors and is not used.
 * CUDA: ``torch.cuda.max_memory_allocated()`` above ``torch.cuda.memory_allocated()`` before the step.
 
-A step's peak includes the ``p.grad`` tensors (the same in every configuration; the column "beyond p.grad" subtracts
-their size) as well as what each method keeps for the backward: backprop's autograd graph, the guess points' inputs
-and guesses (``"activations"``), or only the input batch (``"recompute"``, which runs a second forward during
-``backward()``). Times are reported for reference, not as a benchmark.
+A step's peak includes the ``p.grad`` tensors (the column "beyond p.grad" subtracts their size) as well as what each
+method keeps for the backward: backprop's autograd graph, the guess points' inputs and guesses (``"activations"``), or
+only the input batch (``"recompute"``, which runs a second forward during ``backward()``). Stepping in backward
+(``"release"``: one SGD per parameter, stepped from its post-accumulate-grad hook as soon as its estimate is complete)
+never holds the whole model's ``p.grad`` (its "beyond p.grad" column is negative). Times are reported for reference,
+not as a benchmark.
 
 Example::
 
@@ -34,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -50,6 +54,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "backprop": {"method": next(m for m, cls in METHODS.items() if cls.space == "backprop")},
     "activations": {"store": "activations"},
     "recompute": {"store": "recompute"},
+    "release": {"store": "recompute", "gradient_release": True},
 }
 """Configuration name → what it changes in :func:`guess_optim.attach` (the method comes from ``--method``)."""
 
@@ -85,6 +90,7 @@ def measure(config: str, args: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from guess_optim import attach
+    from guess_optim.optim import OptimizerInBackward
 
     torch.set_num_threads(args["threads"])
     device = torch.device(args["device"])
@@ -92,16 +98,19 @@ def measure(config: str, args: dict[str, Any]) -> dict[str, Any]:
     model = _build(args).to(device).train()
     x = torch.randn(args["batch"], args["width"], device=device)
     y = torch.randint(0, 10, (args["batch"],), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     overrides = CONFIGS[config]
     method = overrides.get("method", args["method"])
-    handle = attach(model, method, seed=0, store=overrides.get("store", "activations"))
+    release = overrides.get("gradient_release", False)
+    handle = attach(model, method, seed=0, store=overrides.get("store", "activations"), gradient_release=release)
+    sgd = functools.partial(torch.optim.SGD, lr=1e-3)
+    opt = OptimizerInBackward(model, sgd) if release else sgd(model.parameters())
     cuda = device.type == "cuda"
 
     def step(inputs, targets):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(inputs), targets).backward()
-        opt.step()
+        if not release:  # stepped in backward
+            opt.step()
         if cuda:
             torch.cuda.synchronize(device)
 

@@ -12,6 +12,7 @@ from .estimators import Estimator, make_estimator
 from .handle import ATTR, GuessHandle
 from .layout import GUESS_POINT_TYPES, unsupported_parameters  # noqa: F401  (GUESS_POINT_TYPES: docs)
 from .nonfinite import NONFINITE_POLICIES
+from .release import refuse_distributed
 
 __all__ = ["COMBINES", "RAW_PARAMETERS", "STORES", "attach", "handle_of"]
 
@@ -39,6 +40,7 @@ def attach(
     store: str = "activations",
     raw_parameters: str = "guess",
     combine: str = "mean",
+    gradient_release: bool = False,
     **options: Any,
 ) -> GuessHandle:
     """Train ``model`` with guessed gradients: an unchanged ``loss.backward()`` writes the estimate to ``p.grad``.
@@ -95,6 +97,21 @@ def attach(
             averages to ``(K / n) ∇L``, ``n`` the guessed coordinates per example: multiply by ``n / K`` for an unbiased
             estimate, or raise the learning rate accordingly (10–100x in the reference's tuning). Needs
             ``store="activations"``. (default: ``"mean"``)
+        gradient_release: hand each parameter's estimate to autograd as soon as it is complete (all its uses in the
+            step accumulated), instead of all estimates at the end of ``backward()``: a hook registered with
+            ``p.register_post_accumulate_grad_hook`` then runs at once, so an optimizer stepped in backward
+            (:class:`~guess_optim.optim.OptimizerInBackward`; PyTorch's "optimizer step in backward", optimi's
+            "gradient release") applies it and frees it before the next parameter's is formed. With
+            ``store="recompute"`` peak memory is then the model, the optimizer state and about one layer. The
+            parameters are updated during ``backward()``, so what needs every gradient of the step cannot work:
+            accumulation over micro-batches (a ``.grad`` already present is an error), global-norm clipping
+            (``clip_grad_norm_``; clip each parameter in its own hook instead), ``GradScaler``, DDP/FSDP (refused).
+            Each estimate is checked before it is delivered: a non-finite one never reaches its parameter (with
+            ``on_nonfinite="skip"`` its step is skipped with a warning, the parameters delivered before it keep their
+            step; ``"raise"`` raises, leaving the parameters delivered before it stepped; ``"propagate"`` is refused).
+            Without a hook that steps and clears ``p.grad``, the estimates simply accumulate into ``p.grad`` as usual
+            (with a warning: the memory saving is lost). With ``method="backprop"`` it changes nothing: autograd
+            already accumulates each gradient as soon as it is formed. (default: ``False``)
         **options: the estimator's own options, e.g. ``power=`` of ``"wt"`` (also ``wt_power=``), ``layers=`` and
             ``distribution=`` of ``"downstream"`` (also ``downstream_layers=``). See each class in
             :mod:`guess_optim.estimators`.
@@ -104,9 +121,11 @@ def attach(
 
     Raises:
         ValueError: unknown method or option, an invalid option value, a trainable parameter in an unsupported
-            module type, no trainable parameter at all, or a model compiled with ``torch.compile``.
+            module type, no trainable parameter at all, a model compiled with ``torch.compile``, or
+            ``gradient_release=True`` with ``on_nonfinite="propagate"`` or a DDP/FSDP-wrapped model.
         TypeError: ``model`` is not an ``nn.Module``.
-        RuntimeError: the model already has a handle attached.
+        RuntimeError: the model already has a handle attached, or ``gradient_release=True`` in a
+            ``torch.distributed`` process group of more than one rank.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach() expects an nn.Module, got {type(model).__name__}")
@@ -124,6 +143,10 @@ def attach(
     if combine == "project" and store != "activations":
         raise ValueError("combine='project' needs store='activations' (the Gram matrix of the guesses is formed "
                          "before the estimates; the recompute replay regenerates the guesses only then)")
+    if not isinstance(gradient_release, bool):
+        raise ValueError(f"Invalid gradient_release: {gradient_release!r}; expected a bool")
+    if gradient_release:
+        _check_release(model, on_nonfinite)
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
     else:
@@ -141,7 +164,27 @@ def attach(
             )
     return GuessHandle(model, estimator, seed=int(seed), exact_head=exact_head, num_guesses=int(num_guesses),
                        head=head, on_nonfinite=on_nonfinite, store=store, raw_parameters=raw_parameters,
-                       combine=combine)
+                       combine=combine, gradient_release=gradient_release)
+
+
+def _check_release(model: nn.Module, on_nonfinite: str) -> None:
+    """What ``gradient_release=True`` cannot work with, refused before anything is installed."""
+    if on_nonfinite == "propagate":
+        raise ValueError(
+            "gradient_release=True steps each parameter inside backward(), so a non-finite estimate written there "
+            "would reach the weights before a GradScaler could skip the step: on_nonfinite='propagate' is refused. "
+            "Use on_nonfinite='skip' (the default) or 'raise'; loss scaling (GradScaler) needs the whole step's "
+            "gradients and cannot step in backward."
+        )
+    wrappers = [type(m).__name__ for m in model.modules()
+                if type(m).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel")]
+    if wrappers:
+        raise ValueError(
+            f"gradient_release=True with a {wrappers[0]}-wrapped model: stepping each parameter in backward would "
+            "apply each rank's own estimate before it is averaged across ranks. Use gradient_release=False (estimates "
+            "are all-reduced like ordinary gradients) and a regular optimizer.step()."
+        )
+    refuse_distributed("at attach")
 
 
 def _check_model(model: nn.Module, head: nn.Module | None) -> None:
@@ -160,3 +203,16 @@ def _check_model(model: nn.Module, head: nn.Module | None) -> None:
         raise ValueError("head must be a submodule of the model")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    complex_params = [n for n, p in model.named_parameters() if p.requires_grad and p.is_complex()]
+    if complex_params:
+        raise ValueError(
+            f"trainable complex parameter {complex_params[0]!r}: guessed gradients do not support complex values (the "
+            "estimate would be noise); use method='backprop' for this model"
+        )
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.scale_grad_by_freq and m.weight.requires_grad:
+            raise ValueError(
+                f"nn.Embedding {n!r} has scale_grad_by_freq=True: its gradient divides by each token's count in the "
+                "batch, which mixes the examples (a per-example directional derivative cannot carry it). Set "
+                "scale_grad_by_freq=False, or use method='backprop'"
+            )

@@ -56,6 +56,13 @@ class GuessedGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z):
+        if torch.is_grad_enabled():  # create_graph=True: the loss differentiates the model's output
+            raise GuessingNotSupportedError(
+                "a derivative of the model's output is being differentiated again (torch.autograd.grad(..., "
+                "create_graph=True) or backward(create_graph=True): a physics-informed loss, a gradient penalty, "
+                "input-gradient regularisation). Guessed gradients give first derivatives of the loss only: compute "
+                "this loss with exact gradients (method='backprop', or under handle.paused())."
+            )
         if ctx.step is not None:
             ctx.step.grad_z[ctx.index] = grad_z
         return None, None, None, grad_z.new_zeros(())
@@ -76,6 +83,7 @@ def collect(step: GuessingStep, output: Any, where: str, primary: bool) -> Any:
     rows, batch = step.rows, step.batch
     for i, (path, leaf) in enumerate(leaves):
         if not isinstance(leaf, Tensor):
+            _refuse_opaque(leaf, f"{where}{keystr(path)}")
             continue
         value, tangent = fwAD.unpack_dual(leaf)
         if tangent is None and primary and not step.tangents and leaf.is_floating_point() and leaf.dim() > 0 and (
@@ -99,3 +107,20 @@ def collect(step: GuessingStep, output: Any, where: str, primary: bool) -> Any:
         value = value.detach()
         values[i] = GuessedGradient.apply(step, index, value[:batch] if step.k > 1 else value, step.anchor)
     return tree_unflatten(values, spec)
+
+
+def _refuse_opaque(leaf: Any, name: str) -> None:
+    """An output object that ``torch.utils._pytree`` does not open (a plain ``@dataclass``, a ``SimpleNamespace``, a
+    custom class) holding tensors that carry the guesses: they would leave the guessing region unseen (their part of
+    the loss dropped from the estimate). Refused, naming the fix."""
+    fields = getattr(leaf, "__dict__", None)
+    if not isinstance(fields, dict) or isinstance(leaf, type):
+        return
+    for key, value in fields.items():
+        if isinstance(value, Tensor) and fwAD.unpack_dual(value).tangent is not None:
+            raise GuessingNotSupportedError(
+                f"the output {name} is a {type(leaf).__name__} whose field {key!r} depends on the guesses, but "
+                "guess_optim reads outputs through torch.utils._pytree (tensors, tuples, lists, dicts, namedtuples, "
+                "Hugging Face ModelOutput): return one of those, register the class "
+                "(torch.utils._pytree.register_dataclass), or pass head=<the module producing the logits> to attach()."
+            )

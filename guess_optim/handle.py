@@ -32,6 +32,16 @@ _DYNAMO_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
 """The attribute of the model that holds its handle (so :func:`~guess_optim.handle_of` finds it, also on a copy)."""
 
 
+_REPEATED_BATCH_NOTE = (
+    "guess_optim: this forward ran with num_guesses={k}: the model's batch-shaped inputs were repeated {k} times along "
+    "dim 0 (all but labels=, label=, targets=), and the head's output was cut back to the batch's rows. Code inside "
+    "forward that mixes the two fails like this: pooling or a loss after head= that reads the batch size from the "
+    "repeated inputs (transformers' *ForSequenceClassification of decoder models), or labels used before the model "
+    "(peft's prompt tuning and P-tuning of a causal LM). Use num_guesses=1 (average guesses over steps instead), or "
+    "compute the loss outside forward (do not pass labels=; head=None)."
+)
+
+
 class GuessHandle:
     """Guessed gradients attached to a model; returned by :func:`~guess_optim.attach`.
 
@@ -49,15 +59,18 @@ class GuessHandle:
         head: the module whose output ends the guessing region (the model itself by default).
         store: ``"activations"`` or ``"recompute"``.
         combine: how the ``num_guesses`` guesses combine: ``"mean"`` or ``"project"``.
+        gradient_release: whether each parameter's estimate goes to autograd as soon as it is complete, for an
+            optimizer stepped in backward (:class:`~guess_optim.optim.OptimizerInBackward`).
         guess_points: the modules that draw a guess.
-        skipped_steps: number of backward passes whose estimate was not finite and was not written.
+        skipped_steps: number of backward passes whose estimate was not finite and was not written (with
+            ``gradient_release``: of which at least one parameter's estimate was not finite and not delivered).
         last_step_skipped: whether the most recent backward's estimate was not finite (and so not written,
             unless ``on_nonfinite="propagate"``): the optimizer step should be skipped.
     """
 
     def __init__(self, model: nn.Module, estimator: Estimator, *, seed: int, exact_head: bool, num_guesses: int,
                  head: nn.Module | None, on_nonfinite: str, store: str, raw_parameters: str,
-                 combine: str = "mean"):
+                 combine: str = "mean", gradient_release: bool = False):
         self.model = model
         self.estimator = estimator
         self.seed = seed
@@ -67,6 +80,9 @@ class GuessHandle:
         self.store = store
         self.raw_parameters = raw_parameters
         self.combine = combine
+        self.gradient_release = gradient_release
+        self._warned_release = False  # the one warning that no hook consumed a released estimate
+        self._release: Any = None  # weakref to the last step's GradientRelease (gradient_release)
         self.layout = Layout.of(model)
         self.param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         self.names = self.layout.names
@@ -262,7 +278,13 @@ class GuessHandle:
                 or torch.is_inference_mode_enabled()):
             return None
         _refuse_compiled(self.model)
-        self._step, args, kwargs = GuessingStep.open(self, args, kwargs)
+        try:
+            self._step, args, kwargs = GuessingStep.open(self, args, kwargs)
+        except Exception as error:
+            if self.num_guesses > 1:
+                error.add_note(_REPEATED_BATCH_NOTE.format(k=self.num_guesses))
+                error._guess_optim_noted = True
+            raise
         return args, kwargs
 
     def _on_product_pre(self, module: nn.Module, args: tuple) -> tuple | None:
@@ -313,13 +335,19 @@ class GuessHandle:
         step = self._step
         if self._internal or step is None or step.replaying:
             return None
+        error = sys.exc_info()[1]
+        if error is not None and self.num_guesses > 1 and not getattr(error, "_guess_optim_noted", False):
+            error.add_note(_REPEATED_BATCH_NOTE.format(k=self.num_guesses))  # a hook cannot replace the error
+            error._guess_optim_noted = True
         try:
-            if not step.closed and sys.exc_info()[0] is None and output is not None:  # not when forward raised
+            if not step.closed and error is None and output is not None:  # not when forward raised
                 if self.head is not self.model and not step.head_called:
                     raise RuntimeError(
                         f"head module {self.names.get(self.head)!r} was not called during the model's forward")
                 with self.internal():
-                    return step.collect(output, "of the model", primary=self.head is self.model)
+                    output = step.collect(output, "of the model", primary=self.head is self.model)
+                _refuse_lost(step)
+                return output
         finally:
             self._close_step()
         return None
@@ -347,6 +375,26 @@ class GuessHandle:
             ) from e
 
 
+def _refuse_lost(step: GuessingStep) -> None:
+    """A tensor computed from the guesses without the batch dim that outlives the forward (kept on a module: an
+    auxiliary loss, a load-balancing term) would join the loss without a path to the estimate: its contribution would
+    be dropped silently. Refused."""
+    import gc
+
+    lost = step.tracker.lost()
+    if not lost:
+        return
+    gc.collect()  # a tensor held only by a reference cycle of the forward's frames is not kept
+    lost = step.tracker.lost()
+    if lost:
+        raise GuessingNotSupportedError(
+            f"a tensor of shape {tuple(lost[0].shape)} computed from the guessed activations without the batch dim "
+            "outlives the model's forward (stored on a module or in a global: an auxiliary loss, a load-balancing "
+            "or activation penalty): its gradient would be dropped from the estimate. Return it from forward per "
+            "example (shape [batch, ...]) and reduce it in the loss, or .detach() it if it is only a statistic."
+        )
+
+
 def _refuse_compiled(model: nn.Module) -> None:
     """``torch.compile`` traces the forward into a graph that forward-mode tangents do not pass through: the estimates
     would be zeros. Refuse it, whether the whole model or a submodule was compiled, before or after ``attach``."""
@@ -360,6 +408,12 @@ def _refuse_compiled(model: nn.Module) -> None:
             )
         frame = frame.f_back
     for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            raise GuessingNotSupportedError(
+                f"submodule {name!r} is a TorchScript module (torch.jit.script / trace), which runs outside Python's "
+                "torch functions: its parameters would get no estimate. Keep it an ordinary nn.Module while training "
+                "with guessed gradients"
+            )
         if getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule":
             raise GuessingNotSupportedError(
                 f"submodule {name!r} is compiled (torch.compile / module.compile()), and compiled graphs drop "

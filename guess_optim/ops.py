@@ -66,6 +66,15 @@ def _name(func: Any) -> str:
     return getattr(func, "__name__", repr(func))
 
 
+_EMBEDDINGS = (F.embedding, torch.embedding)
+
+
+def _embedding_scales_by_frequency(func: Any, args: tuple, kwargs: dict) -> bool:
+    if func is F.embedding:
+        return bool(kwargs.get("scale_grad_by_freq", args[5] if len(args) > 5 else False))
+    return bool(kwargs.get("scale_grad_by_freq", args[3] if len(args) > 3 else False))
+
+
 def _drops_tangent_on_purpose(func: Any) -> bool:
     name = _name(func)
     return "detach" in name or name.startswith("new_") or name.endswith("_like") or func in _METADATA_GETTERS
@@ -123,6 +132,16 @@ class Tracker:
 
     def mark_derived(self, t: Tensor, params: tuple[Tensor, ...]) -> None:
         self._derived[id(t)] = (weakref.ref(t), params)
+
+    def lost(self) -> list[Tensor]:
+        """The live tensors that carry guesses (a tangent) but no longer a batch dim (a reduction over the batch)."""
+        out = []
+        for ref, rows, hot in self._batch.values():
+            t = ref()
+            if t is not None and hot and rows.dim is None and (t.is_floating_point() or t.is_complex()) and (
+                    fwAD.unpack_dual(t).tangent is not None):
+                out.append(t)
+        return out
 
     def clear(self) -> None:
         self._batch.clear()
@@ -208,6 +227,7 @@ class GuessingMode(TorchFunctionMode):
         tracker, trainable, active = self.tracker, step.trainable, step.fast_active
         params: list[Tensor] = []
         rows, shape, batch_in, hot = UNKNOWN, None, False, False
+        batched: list[tuple[Rows, torch.Size]] = []  # every batch input's rows (an op mixing examples is refused)
         for t in _tensors(args, kwargs):
             p = trainable.get(id(t))
             if p is not None and p is t:
@@ -219,11 +239,31 @@ class GuessingMode(TorchFunctionMode):
                 if not batch_in:
                     rows, shape = entry[0], t.shape
                 batch_in, hot = True, hot or entry[1]
+                batched.append((entry[0], t.shape, entry[1]))
             elif tracker.derived(t) is not None:
                 params.append(t)
+        if params and func in _EMBEDDINGS and _embedding_scales_by_frequency(func, args, kwargs):
+            raise GuessingNotSupportedError(
+                "embedding with scale_grad_by_freq=True: its gradient divides by each token's count in the batch, "
+                "which mixes the examples. Set scale_grad_by_freq=False, or use method='backprop'"
+            )
+        if params and any(t.is_complex() for t in params):
+            raise GuessingNotSupportedError(
+                f"{_name(func)!r} reads a complex-valued tensor made of trainable parameters (view_as_complex): "
+                "guessed gradients do not support complex values (the estimate would be missing or noise). Use "
+                "method='backprop' for this model"
+            )
+        if params and batch_in and _name(func) == "__setitem__":
+            raise GuessingNotSupportedError(
+                "a parameter written in place into a batch tensor (h[...] = p): forward-mode guesses do not see "
+                "in-place writes of parameters into activations. Build the tensor out of place (torch.cat, "
+                "torch.where, index_put) or use method='backprop'"
+            )
         if not params:
             out = func(*args, **kwargs)
             if batch_in:
+                if len(batched) > 1:
+                    self._refuse_mixing(func, args, kwargs, out, batched)
                 self._propagate(func, args, kwargs, out, rows, shape, hot)
             return out
         if not batch_in and not any(fwAD.unpack_dual(t).tangent is not None for t in _tensors(args, kwargs)):
@@ -235,11 +275,43 @@ class GuessingMode(TorchFunctionMode):
             return out
         return self._guess_point(func, args, kwargs, params, rows, shape)
 
+    def _refuse_mixing(self, func, args, kwargs, out, batched: list) -> None:
+        """An op that mixes the examples of the batch while the guesses flow through it (a value computed across the
+        batch from the guesses, recombined with per-example values; or two batch inputs whose rows land on different
+        dims of the output, as in ``h @ h.T``): each example's directional derivative would carry the others'
+        guesses, and the average estimate would be wrong. Refused, naming the op."""
+        if not any(h for _, _, h in batched):
+            return
+        first = out if isinstance(out, Tensor) else next((o for o in tree_flatten(out)[0] if isinstance(o, Tensor)),
+                                                         None)
+        if first is None or not first.is_floating_point() and not first.is_complex():
+            return
+        lost = [r for r, _, h in batched if r.dim is None and h]
+        places = {self.tracker.out_rows(func, args, kwargs, r, shp, first)
+                  for r, shp, _ in batched if r.dim is not None}
+        if (lost and places) or len(places) > 1:
+            raise GuessingNotSupportedError(
+                f"{_name(func)!r} mixes the examples of the batch: it combines "
+                + ("a value computed across the batch from the guesses (a batch statistic such as x - x.mean(0), or "
+                   "a BatchNorm that uses batch statistics in eval mode: track_running_stats=False) with per-example "
+                   "values" if lost else "tensors whose batch rows land on different dims of its output (attention "
+                   "across the batch, h @ h.T)")
+                + ". Each example's directional derivative would carry the other examples' guesses: the estimate "
+                "would be wrong. Make the statistic a constant (.detach()), keep examples apart, or use "
+                "method='backprop'. An input whose dim 0 only happens to equal the batch size (a memory bank, a "
+                "support set) is taken for the batch: register it as a buffer, or give it a leading dim of 1."
+            )
+
     def _propagate(self, func, args, kwargs, out, rows, shape, hot) -> None:
         tracker = self.tracker
         for o in tree_flatten(out)[0] if not isinstance(out, Tensor) else (out,):
             if not isinstance(o, Tensor):
                 continue
+            if hot and o.is_complex() and fwAD.unpack_dual(o).tangent is not None:
+                raise GuessingNotSupportedError(
+                    f"{_name(func)!r} makes a complex-valued tensor of the guessed activations: guessed gradients do "
+                    "not support complex values (the estimate would be noise). Use method='backprop' for this model"
+                )
             tracker.mark(o, tracker.out_rows(func, args, kwargs, rows, shape, o), hot)
             if hot and o.is_floating_point() and fwAD.unpack_dual(o).tangent is None and not (
                     _drops_tangent_on_purpose(func)):
@@ -268,7 +340,11 @@ class GuessingMode(TorchFunctionMode):
         for t in params:
             for p in self.tracker.derived(t) or ():
                 sources[p] = None
-        for o in tree_flatten(out)[0]:
+        outs = tree_flatten(out)[0]
+        if (name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))) and args and isinstance(
+                args[0], Tensor):
+            outs.append(args[0])  # written in place (w[:3] = p): the target now derives from the parameters
+        for o in outs:
             if isinstance(o, Tensor) and o.requires_grad:
                 self.tracker.mark_derived(o, tuple(sources))
         return out
@@ -309,12 +385,16 @@ class GuessingMode(TorchFunctionMode):
 
     def _broadcast_tangent(self, t: Tensor, sources: tuple[Tensor, ...]) -> Tensor:
         """A tensor computed from parameters alone but larger than them (a parameter expanded to the batch): the
-        parameters get their own weight guesses ``V`` (shared by the ``num_guesses`` blocks), and ``t`` the tangent
-        they give it, ``J V``, by double backward through the parameter-only ops (no second forward-AD level)."""
-        step = self.step
-        vs = [step.weight_guesses(p)[0] for p in sources]
-        for p, v in zip(sources, vs, strict=True):
-            record = WeightRecord(None, {"weight": p}, (), stacks={"weight": v.expand(step.k, *v.shape)})
+        parameters get their own weight guesses ``V``, and ``t`` the tangent they give it, ``J V``, by double backward
+        through the parameter-only ops (no second forward-AD level). With ``num_guesses=K`` and ``t`` expanded to the
+        ``K`` repeated blocks along dim 0, each block gets its own ``V`` (``K`` double backwards); otherwise the blocks
+        share one."""
+        step, k = self.step, self.step.k
+        stacks = [step.weight_guesses(p) for p in sources]
+        per_block = k > 1 and t.dim() > 0 and t.shape[0] == step.rows
+        for p, v in zip(sources, stacks, strict=True):
+            v = v if per_block else v[:1].expand(k, *v.shape[1:])
+            record = WeightRecord(None, {"weight": p}, (), stacks={"weight": v})
             step.add_record(record)
             step.handle.captured(step.op_name(None, [p]), record, None)
         if step.replaying:
@@ -326,13 +406,24 @@ class GuessingMode(TorchFunctionMode):
         try:
             with torch.enable_grad():
                 grads = torch.autograd.grad(t, sources, u, create_graph=True, retain_graph=True, allow_unused=True)
-                pairs = [(g, v) for g, v in zip(grads, vs, strict=True) if g is not None and g.requires_grad]
-                tangent = torch.autograd.grad([g for g, _ in pairs], u, [v for _, v in pairs])[0] if pairs else None
+                pairs = [(g, v) for g, v in zip(grads, stacks, strict=True) if g is not None and g.requires_grad]
+                blocks = []
+                for j in range((k if per_block else 1) if pairs else 0):
+                    last = j == (k - 1 if per_block else 0)
+                    jv = torch.autograd.grad([g for g, _ in pairs], u, [v[j] for _, v in pairs], retain_graph=not last)
+                    blocks.append(jv[0].detach())
         finally:
             for p in frozen:
                 p.requires_grad_(False)
         value = t.detach().contiguous() if 0 in t.stride() else t.detach()  # an expanded view: a dual needs memory
-        return fwAD.make_dual(value, torch.zeros_like(value) if tangent is None else tangent.detach())
+        if not pairs:
+            return fwAD.make_dual(value, torch.zeros_like(value))
+        if per_block:
+            b = step.batch
+            tangent = torch.cat([blk[j * b:(j + 1) * b] for j, blk in enumerate(blocks)])
+        else:
+            tangent = blocks[0]
+        return fwAD.make_dual(value, tangent)
 
     def _weight_records(self, stacks: dict[int, tuple[Tensor, Tensor]], per_block: bool) -> None:
         step = self.step

@@ -86,7 +86,9 @@ class ActivationRecord(Record):
     redraw: Callable[[], Tensor] | None = None  # instead of ``guess``: draws it again (a regenerable estimator)
 
     def estimate(self, d: Tensor, grad_rep: Tensor, k: int, internal: Internal) -> dict[str, Tensor]:
-        u = self.guess if self.guess is not None else self.redraw()
+        # made once: the record lets go of its guess (during the replay of store="recompute" it is the only holder,
+        # and with gradient_release the parameter is stepped right after, without the guess alive)
+        u, self.guess = (self.guess, None) if self.guess is not None else (self.redraw(), None)
         scale = d / k if k > 1 else d  # averaging the K guesses, folded into d_b (no weight-sized division)
         return local_vjp(self.module, self.params, self.inputs, u * along(scale, self.rows, u), internal)
 

@@ -22,11 +22,14 @@ __all__ = ["replay", "save_for_replay"]
 
 
 def save_for_replay(handle: GuessHandle, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """What the second forward needs: the inputs (values), the global RNG and the handle's generators."""
+    """What the second forward needs: the inputs (values), the global RNG, the handle's generators and the buffers as
+    the forward found them (a forward that updates a buffer, e.g. an EMA or a queue, must be replayed on the values it
+    read)."""
     leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.dim() > 0]
     return {"args": tree_map(primal, args), "kwargs": tree_map(primal, kwargs),
             "rng": capture_rng(cuda_devices(leaves[:1])),
-            "generators": {d: g.get_state() for d, g in handle._generators.items()}}
+            "generators": {d: g.get_state() for d, g in handle._generators.items()},
+            "buffers": [b.detach().clone() for b in handle.model.buffers()]}
 
 
 def replay(step: GuessingStep) -> dict[int, Tensor]:
@@ -43,10 +46,13 @@ def replay(step: GuessingStep) -> dict[int, Tensor]:
     handle, saved = step.handle, step.saved
     model = handle.model
     again = GuessingStep(handle, batch=step.batch, graph=step.graph, trainable=step.trainable, replaying=True)
-    again.d, again.grad_rep = step.d, step.grad_rep
+    again.d, again.grad_rep, again.release = step.d, step.grad_rep, step.release
     trainable = [p for p in model.parameters() if id(p) in step.trainable]
     needs_graph = handle.estimator.needs is not None or handle.exact_head
     buffers = [b.detach().clone() for b in model.buffers()]  # the user's forward already updated them
+    with torch.no_grad():
+        for b, value in zip(model.buffers(), saved["buffers"], strict=True):
+            b.copy_(value)  # the replay reads what the forward read
     try:
         # the same attention kernel as the first forward, so attention dropout draws the same masks
         with handle.generators_at(saved["generators"]), replayed_rng(saved["rng"]), \

@@ -102,10 +102,23 @@ class Site:
         leaf = primal.detach().requires_grad_(True)
         with self._internal(), own_autograd():
             outputs, lifts = self._targets(leaf, target, power, layers)
-        # A target whose lift is a weight W stands for F.linear(x, W): its VJP is ε @ W, so the next layer's forward
-        # is never computed for Wᵀ guesses (one matmul, not two).
-        targets = [o.detach() if w is None else o.new_empty(()).expand(*o.shape[:-1], w.shape[0])
-                   for o, w in zip(outputs, lifts, strict=True)]
+            # A target whose lift is a weight W stands for F.linear(x, W): its VJP is ε @ W, so the next layer's
+            # forward is never computed for Wᵀ guesses (one matmul, not two); and only the rows of x that depend on
+            # the guess point (a prompt's rows in a token sequence) are drawn and multiplied.
+            spans: dict[int, tuple[int, int, int] | None] = {}
+            for o, w in zip(outputs, lifts, strict=True):
+                if w is not None and id(o) not in spans:
+                    spans[id(o)] = _dependent_span(o, leaf)
+        targets = []
+        for o, w in zip(outputs, lifts, strict=True):
+            if w is None:
+                targets.append(o.detach())
+                continue
+            shape = list(o.shape[:-1])
+            span = spans[id(o)]
+            if span is not None:
+                shape[span[0]] = span[2] - span[1]
+            targets.append(o.new_empty(()).expand(*shape, w.shape[0]))
 
         def pullback(cotangents: Iterable[Tensor]) -> Tensor:
             # One summed cotangent per distinct replayed tensor (q, k and v read one LayerNorm output), built as the
@@ -118,9 +131,16 @@ class Site:
                     summed[id(o)] = [o, c]
                 else:
                     entry[1] = entry[1] + c
+            grads = []
+            for o, c in summed.values():
+                span = spans.get(id(o))
+                if span is not None:  # back to the full rows (the others have no path to the guess point)
+                    full = c.new_zeros(o.shape)
+                    full.narrow(span[0], span[1], span[2] - span[1]).copy_(c)
+                    c = full
+                grads.append(c)
             with own_autograd():
-                (g,) = torch.autograd.grad([o for o, _ in summed.values()], leaf, [c for _, c in summed.values()],
-                                           allow_unused=True)
+                (g,) = torch.autograd.grad([o for o, _ in summed.values()], leaf, grads, allow_unused=True)
             return torch.zeros_like(primal) if g is None else g
 
         return targets, pullback
@@ -178,8 +198,20 @@ class Site:
         lifts = [e.consumer.weight.detach() for e in edges]
         if power != 1.0:
             lifts = [power_singular_values(w, power) for w in lifts]
-        targets = [primal.new_empty((), dtype=e.dtype).expand(*e.shape[:-1], w.shape[0])
-                   for e, w in zip(edges, lifts, strict=True)]
+        spans: dict[int, tuple[int, int, int] | None] = {}  # per chain, as _pulled_back's per replayed tensor
+        for e in edges:
+            if id(e.chain) not in spans and len(e.shape) < 3:
+                spans[id(e.chain)] = None  # (no rows to narrow: the chain is not replayed for nothing)
+            elif id(e.chain) not in spans:
+                leaf = primal.detach().requires_grad_(True)
+                with self._internal(), own_autograd():
+                    spans[id(e.chain)] = _dependent_span(e.chain(leaf, {}), leaf)
+        targets = []
+        for e, w in zip(edges, lifts, strict=True):
+            shape, span = list(e.shape[:-1]), spans[id(e.chain)]
+            if span is not None:
+                shape[span[0]] = span[2] - span[1]
+            targets.append(primal.new_empty((), dtype=e.dtype).expand(*shape, w.shape[0]))
 
         def pullback(cotangents: Iterable[Tensor]) -> Tensor:
             draws = iter(cotangents)
@@ -194,9 +226,47 @@ class Site:
                 leaf = primal.detach().requires_grad_(True)
                 with self._internal(), own_autograd():
                     x = chain(leaf, {})
+                    span = spans[id(chain)]
+                    if span is not None:
+                        full = summed.new_zeros(x.shape)
+                        full.narrow(span[0], span[1], span[2] - span[1]).copy_(summed)
+                        summed = full
                     (g,) = torch.autograd.grad(x, leaf, summed.to(x.dtype), allow_unused=True)
                 if g is not None:
                     total += g
             return total
 
         return targets, pullback
+
+
+def _dependent_span(x: Tensor, leaf: Tensor) -> tuple[int, int, int] | None:
+    """``(dim, start, stop)``: the only rows of ``x`` along ``dim`` (not the first, not the last) whose values depend
+    on ``leaf`` in this step, when they are a strict sub-range (a prompt's tokens, concatenated with the others and
+    carried by position-wise ops); ``None`` otherwise. Found exactly from the rows of one Jacobian-vector product
+    ``J v`` (computed as a double VJP): a row outside the span has no path from ``leaf``, so its entries are exactly
+    zero, and the cotangent there contributes nothing to a pullback."""
+    if x.dim() < 3 or not x.requires_grad or not leaf.is_floating_point():
+        return None
+    try:
+        u = torch.zeros_like(x, requires_grad=True)
+        (vjp,) = torch.autograd.grad(x, leaf, u, create_graph=True, retain_graph=True, allow_unused=True)
+        if vjp is None or not vjp.requires_grad:
+            return None
+        # random v (not ones: a LayerNorm's Jacobian maps a constant direction to zero); a fixed generator, so the
+        # handle's draws do not change. A row with a path from leaf gets J v = 0 with probability zero.
+        gen = torch.Generator(device=leaf.device).manual_seed(0)
+        v = torch.randn(leaf.shape, generator=gen, device=leaf.device, dtype=leaf.dtype)
+        (jv,) = torch.autograd.grad(vjp, u, v, allow_unused=True)
+    except RuntimeError:  # an op without a double backward: no narrowing
+        return None
+    if jv is None:
+        return None
+    for dim in range(1, x.dim() - 1):
+        rows = jv.ne(0).movedim(dim, 0).reshape(x.shape[dim], -1).any(1)
+        index = rows.nonzero().flatten()
+        if len(index) == 0 or len(index) == x.shape[dim]:
+            continue
+        start, stop = int(index[0]), int(index[-1]) + 1
+        if stop - start <= x.shape[dim] // 2:
+            return dim, start, stop
+    return None

@@ -34,7 +34,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .boundary import Estimate, collect
 from .contexts import load_jvp_decompositions, parameters_frozen, primal
@@ -46,6 +46,7 @@ from .local_grad import product_tangent, weight_space_jvp
 from .ops import GuessingMode, Rows, Tracker, from_rows, to_rows
 from .prompts import PromptTokens
 from .records import ActivationRecord, ExactHeadRecord, InputRecord, Record, WeightRecord
+from .release import GradientRelease
 from .replay import save_for_replay
 from .site import Site
 
@@ -53,6 +54,11 @@ if TYPE_CHECKING:
     from .handle import GuessHandle
 
 __all__ = ["GuessingStep", "ProductTangents"]
+
+REGENERATE_MIN_BYTES = 1 << 18
+"""A regenerable estimator's guess at least this large (256 KiB) is drawn again in backward from the generator state
+instead of kept: memory where it matters; a smaller one is kept (drawing twice costs more than it saves on small
+layers). The estimate is the same either way."""
 
 _NO_REPEAT_KWARGS = frozenset({"labels", "label", "targets"})
 _RAW_ESTIMATOR = Directional()  # raw_parameters="directional" with an activation-space method
@@ -97,6 +103,7 @@ class GuessingStep:
         self.d: Tensor | None = None  # [N] directional derivatives, set in backward
         self.grad_rep: Tensor | None = None  # ∂L/∂z of the first collected output, repeated to N rows
         self.grads: dict[int, Tensor] = {}
+        self.release: GradientRelease | None = None  # gradient_release=True: delivers each estimate once complete
         self._stack = contextlib.ExitStack()
 
     # -------------------------------------------------------------------------------------------------- lifetime
@@ -116,16 +123,28 @@ class GuessingStep:
                 "torch.autograd.forward_ad.dual_level(), which PyTorch does not nest"
             )
         needs_graph = handle.estimator.needs is not None or handle.exact_head
-        graph = handle.graphs.get(args, kwargs) if needs_graph else None
+        graph = handle.graphs.get(args, _repeat_labels(kwargs, batch, handle.num_guesses)) if needs_graph else None
         trainable = {id(p): p for p in handle.model.parameters() if p.requires_grad}
+        computed = [n for n, p in handle.model.named_parameters() if p.requires_grad and not p.is_leaf]
+        if computed:
+            raise GuessingNotSupportedError(
+                f"the model's parameter {computed[0]!r} is a computed tensor, not a leaf (torch.func.functional_call "
+                "with fast weights, as in MAML): its gradient needs derivatives through the computation that made it, "
+                "which guessed gradients do not give. Call the model with its own parameters, or use "
+                "method='backprop' (or handle.paused()) for this step."
+            )
         step = cls(handle, batch=batch, graph=graph, trainable=trainable)
+        if handle.gradient_release:
+            step.release = GradientRelease(handle, trainable)
         if handle.store == "recompute":
             step.saved = save_for_replay(handle, args, kwargs)
             step.saved["needing_grad"] = needing_grad
         load_jvp_decompositions()
         stack = step._stack
         try:
-            step.anchor = Estimate.apply(step, *trainable.values(), *needing_grad.values())
+            # released parameters get their estimates apart (guess_optim.release): one leaf stands for them all
+            anchored = trainable.values() if step.release is None else step.release.anchored()
+            step.anchor = Estimate.apply(step, *anchored, *needing_grad.values())
             step.params = {id(t): t for t in (*trainable.values(), *needing_grad.values())}
             stack.callback(fwAD.exit_dual_level, level=fwAD.enter_dual_level())
             stack.callback(torch.set_grad_enabled, torch.is_grad_enabled())
@@ -146,6 +165,7 @@ class GuessingStep:
         """Leave everything the step entered (contexts, grad mode, the dual level), once."""
         if not self.closed:
             self.closed = True
+            self.anchor = None  # its node holds the step: no cycle, the step goes with the graph (or at once, unused)
             self._stack.close()
 
     # ----------------------------------------------------------------------------------------------- the forward
@@ -174,7 +194,12 @@ class GuessingStep:
             self.params.setdefault(id(p), p)
         if self.replaying:
             self.accumulate(record)
-        elif self.handle.store == "activations" and guessed:
+            if self.release is not None and guessed:
+                self.release.arrived(record, self.grads)
+            return
+        if self.release is not None and guessed:
+            self.release.expect(record)
+        if self.handle.store == "activations" and guessed:
             self.records.append(record)
 
     def weight_guesses(self, param: Tensor) -> Tensor:
@@ -234,11 +259,16 @@ class GuessingStep:
         params = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in self.trainable}
         graph = self.graph
         record, contribution = self._record(module, params, tuple(primal(a) for a in args), out, rows)
+        copied = None
+        if self.replaying:
+            contribution = None  # (the guess: the record alone holds it, and lets go of it with its estimate)
+            if self.release is not None and self.release.aliases(out, params.values()):
+                copied = self.tracker.mark(out.clone(), rows, False)  # a view of a parameter stepped in place below
         self.release_graph(module)
         self.handle.captured(self.handle.names[module], record, graph, module)
         self.add_record(record)
         if self.replaying or contribution is None:
-            return None if self.replaying else self.tracker.mark(output, rows, True)
+            return copied if self.replaying else self.tracker.mark(output, rows, True)
         if 0 in out.stride():  # a broadcast view (PromptTokens): a dual tensor needs its own memory
             out = out.contiguous()
         new_tangent = contribution if tangent is None else tangent + contribution
@@ -281,7 +311,7 @@ class GuessingStep:
             jvp = None if self.replaying else weight_space_jvp(module, inputs, stacks, out.shape[0], handle.internal)
             return record, jvp
         regenerate = (self.estimator.regenerable and handle.store == "activations" and not self.replaying
-                      and handle._captured is None)
+                      and handle._captured is None and out.numel() * out.element_size() >= REGENERATE_MIN_BYTES)
         state = handle.generator(out.device).get_state() if regenerate else None
         guess = self.draw_guess(out, rows, handle.names[module], module, edges)
         record = ActivationRecord(module, params, inputs, guess=guess, rows=tuple(rows))
@@ -362,6 +392,10 @@ class GuessingStep:
         self.d = d if d is not None else next(iter(self.params.values())).new_zeros(self.rows)
         if self.handle.combine == "project":
             self.d = self._projected(self.d)
+        release = self.release
+        if release is not None and not release.start(self.d):  # not finite: the policy skipped (or raised)
+            self.records, self.saved, self.grad_z = [], None, {}
+            return [None] * (1 + len(self.params) - len(self.trainable))
         if self.handle.store == "recompute":
             from .replay import replay
 
@@ -371,12 +405,19 @@ class GuessingStep:
             for i, r in enumerate(records):
                 records[i] = None  # the record's saved input goes as soon as its estimate is made (as in backprop)
                 self.accumulate(r)
+                if release is not None:
+                    release.arrived(r, self.grads)
                 del r
+        if release is not None:
+            release.finish(self.grads)
         params = list(self.params.values())
         out = [self.grads.get(id(p)) for p in params]
         self.grads = {}  # the list is the estimates' only holder: autograd takes them without a copy
         self.records, self.grads, self.saved, self.grad_z = [], {}, None, {}
-        return self.handle.nonfinite.apply(self.d, out, params)
+        if release is None:
+            return self.handle.nonfinite.apply(self.d, out, params)
+        grads = self.handle.nonfinite.apply(self.d, out, params, release.skipped)
+        return [None, *grads[len(self.trainable):]]  # the leaf standing for the released parameters, inputs
 
 
 class ProductTangents:
@@ -429,6 +470,16 @@ def _project(d: Tensor, gram: Tensor, k: int) -> Tensor:
     return (k * coeffs.squeeze(-1)).T.reshape(-1).to(d.dtype)
 
 
+def _repeat_labels(kwargs: dict, batch: int, k: int) -> dict:
+    """The keyword arguments with the labels repeated like the batch, for graph discovery: its forward is not cut at
+    the head, so a loss computed inside forward sees ``K x B`` logits there."""
+    if k == 1:
+        return kwargs
+    return {key: tree_map(lambda t: t.repeat(k, *([1] * (t.dim() - 1))) if isinstance(t, Tensor) and t.dim() > 0
+                          and t.shape[0] == batch else t, v) if key in _NO_REPEAT_KWARGS else v
+            for key, v in kwargs.items()}
+
+
 def _batch_inputs(handle: GuessHandle, args: tuple, kwargs: dict) -> tuple[int, tuple, dict, dict[int, Tensor]]:
     """Check the model's inputs and repeat the batch-shaped ones ``K`` times along dim 0 (``num_guesses=K``).
 
@@ -437,6 +488,13 @@ def _batch_inputs(handle: GuessHandle, args: tuple, kwargs: dict) -> tuple[int, 
         the flattened ``(args, kwargs)``) to the user's tensor (it is detached here and guessed as a guess point).
     """
     for bn in handle.layout.batchnorms:
+        if not bn.training and not bn.track_running_stats:
+            raise RuntimeError(
+                f"{type(bn).__name__} {handle.names[bn]!r} has track_running_stats=False, so it normalizes with the "
+                "batch's statistics even in eval mode: it mixes the examples of a batch, which breaks the per-example "
+                "directional derivatives of guessed gradients. Use track_running_stats=True (and eval mode), or "
+                "GroupNorm/LayerNorm instead."
+            )
         if bn.training:
             raise RuntimeError(
                 f"{type(bn).__name__} {handle.names[bn]!r} is in training mode: it mixes the examples of a "

@@ -179,6 +179,60 @@ def test_prompt_embedded_once_and_repeated(method):
     check(model, lambda m: F.cross_entropy(m(x), y), method)
 
 
+class PromptExpanded(PromptOnce):
+    """peft's prompt tuning: the prompt ids expanded to the batch, then embedded (a parameter-only tensor with the
+    batch's rows)."""
+
+    def forward(self, x):
+        prompts = self.prompt(self.prompt_ids[None].expand(x.shape[0], -1))
+        return self.head(torch.tanh(torch.cat([prompts, x], 1)).flatten(1))
+
+
+@pytest.mark.parametrize("model_type", [PromptOnce, PromptExpanded])
+def test_num_guesses_are_independent_for_a_broadcast_parameter(model_type):
+    """``directional`` with ``num_guesses=K``: a parameter that reaches the batch through a parameter-only tensor
+    expanded to the batch gets ``K`` independent guesses, not one shared by the ``K`` blocks: the squared error of its
+    estimate drops about ``K``-fold (it did not drop at all when the blocks shared ``V``)."""
+    torch.manual_seed(0)
+    model = model_type().double()
+    x, y = torch.randn(3, 1, 5, dtype=torch.float64), torch.tensor([0, 2, 1])
+    for p in model.parameters():
+        p.requires_grad_(p is model.prompt.weight)
+    true = torch.autograd.grad(F.cross_entropy(model(x), y), model.prompt.weight)[0]
+
+    def error(k: int) -> float:
+        total = 0.0
+        for seed in range(30):
+            model.prompt.weight.grad = None
+            with attach(model, "directional", seed=seed, num_guesses=k):
+                F.cross_entropy(model(x), y).backward()
+            total += float((model.prompt.weight.grad - true).pow(2).sum())
+        return total
+
+    assert error(1) / error(32) > 8
+
+
+class Recurrent(nn.Module):
+    """An RNN over a sequence, batch-first or sequence-first (the batch moved to dim 1 inside the model)."""
+
+    def __init__(self, cell: type, batch_first: bool):
+        super().__init__()
+        self.rnn, self.head, self.batch_first = cell(4, 5, batch_first=batch_first), nn.Linear(5, 3), batch_first
+
+    def forward(self, x):  # x: [B, L, 4]
+        out, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        return self.head((out if self.batch_first else out.transpose(0, 1))[:, -1])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("cell", [nn.LSTM, pytest.param(nn.GRU, marks=pytest.mark.slow),
+                                  pytest.param(nn.RNN, marks=pytest.mark.slow)])
+def test_recurrent_layers(cell, batch_first):
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2])
+    check(Recurrent(cell, batch_first), lambda m: F.cross_entropy(m(x), y), "activation", guesses=100000)
+
+
 # --------------------------------------------------------------------------------------------- torch.compile
 def test_compile_after_attach_is_a_clear_error_and_the_model_stays_usable():
     torch.manual_seed(0)
@@ -395,3 +449,191 @@ def test_wt_at_an_op_level_guess_point_lies_in_the_masked_row_space_of_the_next_
         coeffs = torch.linalg.lstsq(basis, u[b][:, None]).solution
         torch.testing.assert_close(basis @ coeffs, u[b][:, None], rtol=1e-9, atol=1e-9)
     assert model.c1.weight.grad is not None and model.c2.weight.grad is not None
+
+
+# ------------------------------------------------------------------------------ refused: what guesses cannot carry
+class _Centered(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.l1, self.l2, self.kind = nn.Linear(5, 6), nn.Linear(6, 3), kind
+        if kind == "batchnorm":
+            self.bn = nn.BatchNorm1d(6, track_running_stats=False).eval()  # eval, but batch statistics all the same
+
+    def forward(self, x, mem=None):
+        h = self.l1(x)
+        if self.kind == "centered":
+            return self.l2(h - h.mean(0))
+        if self.kind == "batchnorm":
+            return self.l2(self.bn(h))
+        return self.l2(torch.softmax(h @ self.l1(mem).T, -1) @ self.l1(mem))  # attention over a memory bank
+
+
+@pytest.mark.parametrize("kind", ["centered", "memory", "batchnorm"])
+def test_ops_mixing_the_examples_are_refused(kind):
+    """A batch statistic of the guessed activations recombined with per-example values, attention across rows whose
+    count happens to equal the batch size, and a BatchNorm that uses batch statistics in eval mode mix the examples:
+    refused, where they used to give a biased average (cosine 0.2-0.8 to backprop)."""
+    model = _Centered(kind).train()
+    if kind == "batchnorm":
+        model.bn.eval()
+    x, y = data(batch=5)
+    mem = torch.randn(5, 5)  # 5 rows: taken for the batch
+    with attach(model, "activation", seed=0), pytest.raises((GuessingNotSupportedError, RuntimeError),
+                                                            match="mix"):
+        F.cross_entropy(model(x, mem), y).backward()
+
+
+def test_a_memory_bank_of_another_size_is_fine():
+    model = _Centered("memory").train()
+    x, y = data(batch=5)
+    mem = torch.randn(7, 5)
+    check(model, lambda m: F.cross_entropy(m(x, mem), y), "activation", guesses=40000)
+
+
+class _AuxOnModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        self.aux = h.pow(2).mean()  # an auxiliary loss kept on the module (MoE load balancing, activation penalty)
+        self.norm = float(h.norm())  # a statistic: fine
+        return self.l2(h)
+
+
+def test_auxiliary_loss_kept_on_a_module_is_refused():
+    model, (x, y) = _AuxOnModule(), data()
+    with attach(model, "activation", seed=0), pytest.raises(GuessingNotSupportedError, match="outlives"):
+        (F.cross_entropy(model(x), y) + model.aux).backward()
+
+
+def test_differentiating_the_output_again_is_refused():
+    """A physics-informed loss differentiates the model's output with respect to its input (create_graph=True):
+    guesses give first derivatives only. It used to leave every p.grad None, or give a wrong estimate."""
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.linspace(-1, 1, 6)[:, None].requires_grad_()
+    with attach(model, "activation", seed=0), pytest.raises(GuessingNotSupportedError, match="create_graph"):
+        (du,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        ((du - torch.cos(3 * x)) ** 2).mean().backward()
+
+
+def test_an_output_class_pytree_cannot_open_is_refused():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return Out(self.l2(torch.tanh(self.l1(x))))
+
+    model, (x, y) = Model(), data()
+    with attach(model, "activation", seed=0), pytest.raises(GuessingNotSupportedError, match="register_dataclass"):
+        F.cross_entropy(model(x).logits, y).backward()
+    check(model, lambda m: F.cross_entropy(m(x).logits, y), "activation", head=model.l2)  # the fix the error names
+
+
+class _Written(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale, self.lin = nn.Parameter(torch.randn(3)), nn.Linear(6, 3)
+
+    def forward(self, x):  # x: [B, 5]
+        w = torch.zeros(6)
+        w[:3] = self.scale
+        w[3:] = 2 * self.scale
+        return self.lin(torch.cat([x, x[:, :1]], 1) * w)
+
+
+def test_parameter_written_into_a_tensor_is_estimated():
+    x, y = data()
+    check(_Written(), lambda m: F.cross_entropy(m(x), y), "activation")
+
+
+@pytest.mark.parametrize("kind", ["complex", "scale_grad_by_freq", "script", "fast-weights"])
+def test_what_guesses_cannot_carry_is_refused(kind):
+    x, y = data()
+    if kind == "complex":
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w, self.out = nn.Parameter(torch.randn(3, 2)), nn.Linear(5, 3)
+
+            def forward(self, x):
+                return self.out(torch.fft.irfft(torch.fft.rfft(x) * torch.view_as_complex(self.w), n=5))
+        model = Model()
+    elif kind == "scale_grad_by_freq":
+        model = nn.Sequential(nn.Embedding(7, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(8, 3))
+        x = torch.tensor([[1, 1], [2, 1], [3, 3]])
+    elif kind == "script":
+        model = nn.Sequential(torch.jit.script(nn.Linear(5, 6)), nn.Tanh(), nn.Linear(6, 3))
+    else:
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    try:
+        with attach(model, "activation", seed=0):
+            if kind == "fast-weights":  # MAML: the model called with computed weights
+                fast = {n: p - 0.1 * torch.ones_like(p) for n, p in model.named_parameters()}
+                out = torch.func.functional_call(model, fast, (x,))
+            else:
+                out = model(x)
+            F.cross_entropy(out, y).backward()
+    except (GuessingNotSupportedError, ValueError) as error:
+        assert {"complex": "complex", "scale_grad_by_freq": "scale_grad_by_freq", "script": "TorchScript",
+                "fast-weights": "not a leaf"}[kind] in str(error)
+    else:
+        pytest.fail("not refused")
+
+
+def test_recompute_replays_on_the_buffers_the_forward_read():
+    """A forward that updates a buffer (an EMA of the activations, a queue) is replayed on the values it read: the
+    estimate equals store='activations''s (it used to differ by 5%)."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(5, 6), nn.Linear(6, 3)
+            self.register_buffer("ema", torch.zeros(6))
+
+        def forward(self, x):
+            h = torch.tanh(self.l1(x))
+            with torch.no_grad():
+                self.ema.mul_(0.5).add_(0.5 * h.mean(0))
+            return self.l2(h - self.ema)
+
+    x, y = data()
+    grads = []
+    for store in ("activations", "recompute"):
+        torch.manual_seed(0)
+        model = Model()
+        with attach(model, "activation", seed=0, store=store):
+            F.cross_entropy(model(x), y).backward()
+        grads.append([p.grad for p in model.parameters()])
+        assert model.ema.abs().sum() > 0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_labels_inside_forward_with_num_guesses_and_structured_guesses():
+    """A loss inside forward with head= and num_guesses > 1: graph discovery sees the labels repeated like the batch
+    (it used to fail with a raw batch-size error)."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x, labels=None):
+            return F.cross_entropy(self.head(torch.relu(self.body(x))), labels)
+
+    model, (x, y) = Model(), data()
+    for method in ("wt", "mixing", "downstream"):
+        model.zero_grad()
+        with attach(model, method, num_guesses=2, head=model.head, seed=0):
+            model(x, labels=y).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -435,3 +435,52 @@ def test_torch_checkpoint_inside_the_forward_gives_the_same_estimate(method):
         grads.append([p.grad for p in m.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+class _PromptedTokens(nn.Module):
+    """Prompt tokens concatenated with the input tokens, a frozen LayerNorm and a projection (a VPT block's start),
+    then a token mix: only the prompt's rows of the projection's input depend on the prompt."""
+
+    def __init__(self):
+        super().__init__()
+        from guess_optim import PromptTokens
+
+        self.prompts = PromptTokens(2, 4, init="normal")
+        self.norm = nn.LayerNorm(4, elementwise_affine=False)
+        self.proj, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):  # [B, T, 4]
+        h = self.proj(self.norm(torch.cat([x[:, :1], self.prompts(x.shape[0]), x[:, 1:]], 1)))
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_wt_draws_only_the_rows_that_reach_the_guess_point(monkeypatch):
+    """A prompt's ``wt`` guess draws ``ε`` only on the projection's rows that depend on the prompt (2 of 7 tokens):
+    the guess's second moment ``E[u_b u_bᵀ]`` is the same as when ``ε`` is drawn on every row (the others have no
+    path to the prompt), measured over 40,000 guesses each."""
+    import guess_optim.site as site
+
+    torch.manual_seed(0)
+    model = _PromptedTokens().double()
+    for p in (model.proj.weight, model.proj.bias, model.head.weight, model.head.bias):
+        p.requires_grad_(False)
+    x = torch.randn(2, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    drawn = []
+
+    def second_moment(seed: int) -> torch.Tensor:
+        with attach(model, "wt", seed=seed, num_guesses=20000) as handle, handle.capture() as calls:
+            model(x).sum().backward()
+        u = next(c["guess"] for c in calls if c["module"] == "prompts").reshape(20000, 2, -1)  # [K, B, P*D]
+        drawn.append(u.shape)
+        return torch.einsum("kbi,kbj->bij", u, u) / u.shape[0]
+
+    real, found = site._dependent_span, []
+    monkeypatch.setattr(site, "_dependent_span", lambda x, leaf: found.append(real(x, leaf)) or found[-1])
+    narrowed = (second_moment(0) + second_moment(1)) / 2
+    assert found and all(span == (1, 1, 3) for span in found)  # tokens 1 and 2 of 7
+    spans = []
+    monkeypatch.setattr(site, "_dependent_span", lambda x, leaf: spans.append(x.shape) or None)
+    full = (second_moment(0) + second_moment(1)) / 2
+    assert spans and all(s[1] == 7 for s in spans)  # the projection's input: 7 tokens, 2 of them the prompt's
+    assert torch.allclose(narrowed, full, rtol=0.05, atol=0.03 * float(full.abs().max()))
+    assert not torch.allclose(narrowed, full, rtol=1e-6, atol=0)  # different draws, the same law

@@ -305,19 +305,12 @@ def test_activation_guesses_average_to_the_gradient(case):
     check_unbiased(case, "activation", case.groups, subset=bool(case.subset))
 
 
-SHARED_V = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "engine: directional with num_guesses=K>1 gives a parameter that reaches the batch through a larger "
-    "parameter-only tensor (peft's prompt embeddings, expanded to the batch) one V shared by the K blocks, so K guesses "
-    "are one (ops.GuessingMode._broadcast_tangent); tests/repro/directional_broadcast_shares_guesses.py"))
-
-
 def _directional_cases() -> list:
     out = []
     for param in CASES:
         case = param.values[0]
         if case.directional:
-            marks = [pytest.mark.slow] + ([SHARED_V] if case.setting in ("prompt", "prefix", "ptuning") else [])
-            out.append(pytest.param(case, marks=marks, id=case.id))
+            out.append(pytest.param(case, marks=pytest.mark.slow, id=case.id))
     return out
 
 
@@ -337,22 +330,26 @@ def _k_guesses_step(family, setting, loss):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "engine: with num_guesses=K>1 the head's output is cut back to B rows, but the model pools it after the head with "
-    "the K*B batch size of its (repeated) input_ids (transformers' GenericForSequenceClassification: "
-    "logits[arange(batch_size), last_non_pad_token]); tests/repro/head_cut_back_then_pooled.py"))
-@pytest.mark.parametrize("setting", ["full", "lora", "prompt"])
-def test_llama_classifier_with_labels_and_num_guesses(setting):
-    _k_guesses_step("llama-cls", setting, "labels")
+K_GUESSES = [("llama-cls", "full"), ("llama-cls", "lora"), ("llama-cls", "prompt"), ("llama-sdpa", "prompt"),
+             ("llama-sdpa", "ptuning")]
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "engine: with num_guesses=K>1 labels= is not repeated, but peft's prompt tuning / P-tuning of a causal LM "
-    "concatenates it with prefix labels of the K*B repeated batch before the model runs; "
-    "tests/repro/labels_used_before_the_head.py"))
-@pytest.mark.parametrize("setting", ["prompt", "ptuning"])
-def test_causal_lm_prompt_learning_with_labels_and_num_guesses(setting):
-    _k_guesses_step("llama-sdpa", setting, "labels")
+@pytest.mark.parametrize(("family", "setting"), K_GUESSES, ids=[f"{f}-{s}" for f, s in K_GUESSES])
+def test_labels_with_num_guesses_is_a_clear_error(family, setting):
+    """With ``num_guesses=K>1`` the batch is repeated ``K`` times but ``labels=`` is not, and the head's output is cut
+    back to the batch: a decoder classifier that pools after the head with the repeated batch size, and peft's prompt
+    learning of a causal LM (labels concatenated before the model), fail inside transformers/peft. The error says why
+    and what to do."""
+    with pytest.raises((IndexError, RuntimeError)) as error:
+        _k_guesses_step(family, setting, "labels")
+    notes = "\n".join(getattr(error.value, "__notes__", []))
+    assert "num_guesses=4" in notes and "compute the loss outside forward" in notes, notes
+
+
+@pytest.mark.parametrize(("family", "setting"), K_GUESSES, ids=[f"{f}-{s}" for f, s in K_GUESSES])
+def test_loss_outside_forward_with_num_guesses(family, setting):
+    """The fix the error names: the loss outside ``forward`` takes ``num_guesses=K``."""
+    _k_guesses_step(family, setting, "logits")
 
 
 @pytest.mark.parametrize("family", ["bert", "llama-cls"])

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -389,3 +390,21 @@ def test_example_clear_errors(example, image_folder, tmp_path):
                       "--model", "google/vit-base-patch16-224-in21k", "--workers", "0"])
     with pytest.raises(SystemExit, match="no 'train' split"):
         example.main(["--dataset", "cars", "--data-dir", str(tmp_path), "--random-init", "--workers", "0"])
+
+
+@pytest.mark.parametrize("method", ["wt", pytest.param("mixing", marks=pytest.mark.slow)])
+def test_recompute_matches_activations_on_deep_prompts(method):
+    """``store="recompute"`` replays each of a prompt's edges on its own (the ``Wᵀ`` guess drawn on the prompt's rows
+    only): the estimate equals ``store="activations"``'s."""
+    model = get_vpt_model(tiny_vit(), num_prompt_tokens=2, deep=True).double().train()
+    x, y = batch()
+    grads = []
+    for store in ("activations", "recompute"):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with attach(model, method, seed=5, store=store):
+            F.cross_entropy(model(x.double()).logits, y).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 5
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-9, atol=1e-12)

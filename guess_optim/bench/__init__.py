@@ -5,7 +5,8 @@ and noisy, so an absolute time means little. ``benchmarks/README.md`` describes 
 
 * **A step** (:mod:`~guess_optim.bench.runners`): ``optimizer.zero_grad()``, an estimate written into ``p.grad``
   (backprop's ``loss.backward()``, a guessed method's after :func:`guess_optim.attach`, or a peer's estimator), then
-  ``optimizer.step()`` of the same ``torch.optim.AdamW`` for every runner.
+  ``optimizer.step()`` of the same ``torch.optim.AdamW`` for every runner (``@release``: the same AdamW per parameter,
+  stepped inside ``backward()``).
 * **Time** (:mod:`~guess_optim.bench.timing`): every runner in rounds, each time right next to a backprop step; the
   ratio is the median of the per-round ratios, the spread their interquartile range.
 * **Floor** (:mod:`~guess_optim.bench.floors`): the layer-sized matrix products of a runner's step over backprop's

@@ -1,8 +1,10 @@
 """Runner names and their matrix-product floors, read from the estimator registry.
 
 A *runner* is one way to take a training step: a method of :data:`guess_optim.METHODS`, optionally with a store
-suffix (``wt@recompute``: ``attach(..., store="recompute")``), or a peer of :data:`~guess_optim.bench.peers.PEERS`
-(no suffix). The baseline is the registry's method whose ``space`` is ``"backprop"``.
+suffix (``wt@recompute``: ``attach(..., store="recompute")``; ``wt@release``: the same, stepping each parameter in
+backward with :class:`~guess_optim.optim.OptimizerInBackward` and ``gradient_release=True``), or a peer of
+:data:`~guess_optim.bench.peers.PEERS` (no suffix). The baseline is the registry's method whose ``space`` is
+``"backprop"``.
 
 **Floor.** A backprop step costs three layer-sized matrix products per layer: the forward, the input gradient and the
 weight gradient. A guessed step costs, per layer:
@@ -52,17 +54,23 @@ class Store:
         attach: keyword arguments for :func:`guess_optim.attach`.
         replays_forward: a second forward runs during backward (it adds products to the floor).
         summary: one line for help texts.
+        in_backward: the optimizer steps each parameter inside ``backward()``
+            (:class:`~guess_optim.optim.OptimizerInBackward`) instead of ``optimizer.step()`` after it.
     """
 
     attach: Mapping[str, Any] = field(default_factory=dict)
     replays_forward: bool = False
     summary: str = ""
+    in_backward: bool = False
 
 
 DEFAULT_STORE = "activations"
 STORES: Mapping[str, Store] = MappingProxyType({
     "activations": Store({"store": "activations"}, False, "keep each guess point's input and guess (default)"),
     "recompute": Store({"store": "recompute"}, True, "keep the batch only; replay the forward during backward"),
+    "release": Store({"store": "recompute", "gradient_release": True}, True,
+                     "as recompute, and step each parameter in backward as soon as its estimate is complete",
+                     in_backward=True),
 })
 """Store suffix → :class:`Store`. Adding a suffix is one entry here; runners, floors and the CLI read this table."""
 

@@ -93,9 +93,13 @@ def _targets(results: Mapping[str, Any]) -> list[str]:
         "step peak above the resident training state.",
     ]
     if measured:
-        lines += ["", "| target | configuration | measured | threshold | met |", "|---|---|---:|---:|:---:|"]
-        lines += [f"| {t['target']} | {t['config']} | {_fmt(t['measured'], '.3f')} | {_fmt(t['threshold'])} | "
-                  f"{'yes' if t['met'] else '**no**' if t['met'] is False else '–'} |" for t in measured]
+        lines += ["", "| target | configuration | before | measured | threshold | met |",
+                  "|---|---|---:|---:|---:|:---:|"]
+        lines += [f"| {t['target']} | {t['config']} | {t.get('before') or '–'} | {_fmt(t['measured'], '.3f')} | "
+                  f"{_fmt(t['threshold'])} | {'yes' if t['met'] else '**no**' if t['met'] is False else '–'} |"
+                  for t in measured]
+        lines += ["", "`before`: the ratio measured when the target was set (one thread, this machine), before the "
+                  "work on it."]
     if missing:
         lines += ["", "Not measured in this run: " + "; ".join(missing) + "."]
     return lines

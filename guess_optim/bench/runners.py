@@ -1,15 +1,17 @@
 """Models, batches and runners: one way to take a training step on a private copy of a model.
 
 Every runner takes the same step: ``optimizer.zero_grad()``, an estimate written into ``p.grad``,
-``optimizer.step()``, with ``torch.optim.AdamW(lr=1e-4, weight_decay=0)``. Only the estimate differs: backprop's
-``loss.backward()``, a guessed method's ``loss.backward()`` after :func:`guess_optim.attach` (which writes guessed
-gradients), or a peer's estimator (:mod:`guess_optim.bench.peers`). Each runner owns a copy of the model with the same
-initial weights; all use the same batch.
+``optimizer.step()``, with ``torch.optim.AdamW(lr=1e-4, weight_decay=0)`` (a store that steps in backward,
+``@release``: one such AdamW per parameter, stepped from its post-accumulate-grad hook during ``backward()``). Only the
+estimate differs: backprop's ``loss.backward()``, a guessed method's ``loss.backward()`` after
+:func:`guess_optim.attach` (which writes guessed gradients), or a peer's estimator (:mod:`guess_optim.bench.peers`).
+Each runner owns a copy of the model with the same initial weights; all use the same batch.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import attach
 from ..models import MLP, ConvNet
+from ..optim import OptimizerInBackward
 from .floors import STORES, parse_runner
 from .peers import Unavailable
 from .suite import Config
@@ -118,7 +121,9 @@ class Runner:
         self.model = copy.deepcopy(built.model)
         self.x, self.y, self._logits = built.x, built.y, built.logits
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0)
+        self.in_backward = parsed.peer is None and STORES[parsed.store].in_backward
+        adamw = functools.partial(torch.optim.AdamW, lr=LR, weight_decay=0.0)
+        self.optimizer = OptimizerInBackward(self.params, adamw) if self.in_backward else adamw(self.params)
         self.handle = None
         if parsed.peer is not None:
             self._estimate = parsed.peer.make(self.params, self.loss, seed)
@@ -136,10 +141,12 @@ class Runner:
         self.loss().backward()
 
     def step(self) -> None:
-        """One training step: ``zero_grad``, the estimate into ``p.grad``, ``AdamW.step``."""
+        """One training step: ``zero_grad``, the estimate into ``p.grad``, ``AdamW.step`` (in backward, per parameter,
+        for a store that steps there)."""
         self.optimizer.zero_grad()
         self._estimate()
-        self.optimizer.step()
+        if not self.in_backward:
+            self.optimizer.step()
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of the resident training state: ``weights_bytes`` (parameters and buffers), ``grad_bytes`` and

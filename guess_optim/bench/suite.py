@@ -110,8 +110,8 @@ def every_runner() -> tuple[str, ...]:
 
 
 def core_runners() -> tuple[str, ...]:
-    """The runners the targets name, then the peers (``activation``, ``wt``, ``wt@recompute``, ``directional``,
-    ``torchzero-fg``, ``mezo`` with today's targets)."""
+    """The runners the targets name, then the peers (``activation``, ``wt``, ``wt@recompute``, ``wt@release``,
+    ``directional``, ``torchzero-fg``, ``mezo`` with today's targets)."""
     return tuple(dict.fromkeys((*_registered(target_runners()), *PEERS)))
 
 
@@ -177,7 +177,7 @@ def suite(name: str, device: str = "cpu") -> list[Case]:
 
 def _quick() -> list[Case]:
     core = core_runners()
-    stored = tuple(r for r in core if parse_runner(r).store != DEFAULT_STORE)  # wt@recompute with today's targets
+    stored = tuple(r for r in core if parse_runner(r).store != DEFAULT_STORE)  # wt@recompute, wt@release today
     return [
         Case(Config("mlp", 16, 3, 32), every_runner(), stored, rounds=25, warmup=3),
         *(Case(config, core, rounds=25, warmup=3)
