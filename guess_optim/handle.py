@@ -7,6 +7,7 @@ step and hand it the call.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import sys
@@ -379,8 +380,6 @@ def _refuse_lost(step: GuessingStep) -> None:
     """A tensor computed from the guesses without the batch dim that outlives the forward (kept on a module: an
     auxiliary loss, a load-balancing term) would join the loss without a path to the estimate: its contribution would
     be dropped silently. Refused."""
-    import gc
-
     lost = step.tracker.lost()
     if not lost:
         return

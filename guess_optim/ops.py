@@ -227,7 +227,7 @@ class GuessingMode(TorchFunctionMode):
         tracker, trainable, active = self.tracker, step.trainable, step.fast_active
         params: list[Tensor] = []
         rows, shape, batch_in, hot = UNKNOWN, None, False, False
-        batched: list[tuple[Rows, torch.Size]] = []  # every batch input's rows (an op mixing examples is refused)
+        batched: list[tuple[Rows, torch.Size, bool]] = []  # each batch input's (rows, shape, hot): mixing is refused
         for t in _tensors(args, kwargs):
             p = trainable.get(id(t))
             if p is not None and p is t:

@@ -556,7 +556,7 @@ def test_parameter_written_into_a_tensor_is_estimated():
     check(_Written(), lambda m: F.cross_entropy(m(x), y), "activation")
 
 
-@pytest.mark.parametrize("kind", ["complex", "scale_grad_by_freq", "script", "fast-weights"])
+@pytest.mark.parametrize("kind", ["complex", "scale_grad_by_freq", "script", "fast-weights", "written-into-batch"])
 def test_what_guesses_cannot_carry_is_refused(kind):
     x, y = data()
     if kind == "complex":
@@ -571,6 +571,17 @@ def test_what_guesses_cannot_carry_is_refused(kind):
     elif kind == "scale_grad_by_freq":
         model = nn.Sequential(nn.Embedding(7, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(8, 3))
         x = torch.tensor([[1, 1], [2, 1], [3, 3]])
+    elif kind == "written-into-batch":
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.scale, self.lin = nn.Parameter(torch.randn(2)), nn.Linear(5, 3)
+
+            def forward(self, x):
+                h = torch.tanh(x)
+                h[:, :2] = self.scale  # in place into an activation
+                return self.lin(h)
+        model = Model()
     elif kind == "script":
         model = nn.Sequential(torch.jit.script(nn.Linear(5, 6)), nn.Tanh(), nn.Linear(6, 3))
     else:
@@ -585,7 +596,7 @@ def test_what_guesses_cannot_carry_is_refused(kind):
             F.cross_entropy(out, y).backward()
     except (GuessingNotSupportedError, ValueError) as error:
         assert {"complex": "complex", "scale_grad_by_freq": "scale_grad_by_freq", "script": "TorchScript",
-                "fast-weights": "not a leaf"}[kind] in str(error)
+                "fast-weights": "not a leaf", "written-into-batch": "in place"}[kind] in str(error)
     else:
         pytest.fail("not refused")
 
