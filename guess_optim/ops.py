@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .blocks import refuse_block_mixing
 from .contexts import primal
 from .errors import GuessingNotSupportedError
 from .graph import out_of_place
@@ -242,6 +243,8 @@ class GuessingMode(TorchFunctionMode):
                 batched.append((entry[0], t.shape, entry[1]))
             elif tracker.derived(t) is not None:
                 params.append(t)
+        if batch_in and step.k > 1:
+            refuse_block_mixing(func, args, kwargs, lambda t: (tracker.batch(t) or (None,))[0], step.k)
         if params and func in _EMBEDDINGS and _embedding_scales_by_frequency(func, args, kwargs):
             raise GuessingNotSupportedError(
                 "embedding with scale_grad_by_freq=True: its gradient divides by each token's count in the batch, "

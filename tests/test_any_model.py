@@ -483,6 +483,53 @@ def test_ops_mixing_the_examples_are_refused(kind):
         F.cross_entropy(model(x, mem), y).backward()
 
 
+class _RowOps(nn.Module):
+    """An op along the batch dim between two layers (or, for the kinds ending in ``ok``, one that keeps each row)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.l1, self.l2, self.kind = nn.Linear(5, 6), nn.Linear(6, 3), kind
+
+    def forward(self, x):
+        h, n = torch.tanh(self.l1(x)), x.shape[0]
+        rows = torch.arange(n)
+        h = {
+            "cumsum": lambda: h.cumsum(0),
+            "sort": lambda: h.sort(0).values,
+            "flip": lambda: h + 0.5 * h.flip(0),
+            "roll": lambda: h + h.roll(1, 0),
+            "permuted": lambda: h + 0.5 * h[rows.flip(0)],
+            "index_select": lambda: h.index_select(0, rows.roll(1)),
+            "gather": lambda: h.gather(0, rows.roll(1)[:, None].expand(n, 6)),
+            "setitem": lambda: torch.zeros_like(h).index_put((rows.roll(1),), h),
+            "arange ok": lambda: h[rows] * h[rows, :1],
+            "last dim ok": lambda: h.sort(-1).values + h.cumsum(1),
+        }[self.kind]()
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("kind", ["cumsum", "sort", "flip", "roll", "permuted", "index_select", "gather", "setitem"])
+def test_ops_moving_rows_between_guess_blocks_are_refused(kind):
+    """With num_guesses=K the batch is repeated K times; an op that moves values between rows across the repeated
+    blocks (a scan or sort along the batch, a flip, an index) mixes the blocks' guesses. It used to give a silently
+    wrong average (cosine -0.4 to 0.7 to backprop for sort and cumsum); with K=1 it is exact and runs."""
+    model, (x, y) = _RowOps(kind), data(batch=4)
+    with attach(model, "activation", seed=0, num_guesses=2), pytest.raises(GuessingNotSupportedError,
+                                                                            match="guess blocks"):
+        F.cross_entropy(model(x), y).backward()
+    with attach(model, "activation", seed=0):
+        F.cross_entropy(model(x), y).backward()
+    assert model.l1.weight.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["arange ok", "last dim ok"])
+def test_indexing_that_keeps_each_row_with_many_guesses(kind):
+    """An index that maps every block of the repeated batch onto itself the same way (``h[torch.arange(N)]``), and sorts
+    or scans within each example: the K-guess average matches backprop."""
+    model, (x, y) = _RowOps(kind), data(batch=4)
+    check(model, lambda m: F.cross_entropy(m(x), y), "activation")
+
+
 def test_a_memory_bank_of_another_size_is_fine():
     model = _Centered("memory").train()
     x, y = data(batch=5)
