@@ -47,7 +47,7 @@ class Site:
         self.edges = edges
         self._graph = graph
         self._internal = internal
-        self._streamed = streamed  # store="recompute": keep one edge's replayed values alive at a time
+        self._streamed = streamed  # keep one edge's replayed values alive at a time (Step.draw_guess says when)
 
     @property
     def has_next(self) -> bool:
@@ -187,7 +187,8 @@ class Site:
         return out
 
     def _streamed_next_outputs(self, power: float) -> tuple[list[Tensor], Pullback] | None:
-        """``next_outputs`` of ``store="recompute"`` when every next module is a Linear: each edge's chain is replayed,
+        """``next_outputs`` of ``store="recompute"``, and of a graph holding captured activations (a residual stream),
+        when every next module is a Linear: each edge's chain is replayed,
         given its summed cotangent ``Σ ε_j W_j`` and pulled back on its own, so only one edge's values are alive at a
         time (a prompt's next modules are every layer's projections). Shared prefixes are replayed again per edge:
         compute for memory. Same draws, in the same order, as :meth:`_pulled_back`. ``None``: not applicable."""

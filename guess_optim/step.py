@@ -213,8 +213,11 @@ class GuessingStep:
         """The estimator's guess at a guess point's output, drawn on its ``[N, *S]`` view (one row per example)."""
         handle = self.handle
         value = to_rows(fwAD.unpack_dual(output)[0].detach(), rows, self.rows)
+        # One edge's replayed values alive at a time when the graph holds captured activations (a residual stream:
+        # a prompt's or an early layer's edges reach every later block) or nothing is kept: compute for memory.
+        streamed = handle.store == "recompute" or self.graph_uses is not None
         site = Site(value, handle.generator(value.device), self.k, module, name, edges or [], self.graph,
-                    handle.internal, streamed=handle.store == "recompute")
+                    handle.internal, streamed=streamed)
         return from_rows(self.estimator.guess(site), rows, output.shape)
 
     def op_name(self, func: Any, params: list[Tensor]) -> str:

@@ -393,18 +393,25 @@ def test_example_clear_errors(example, image_folder, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["wt", pytest.param("mixing", marks=pytest.mark.slow)])
-def test_recompute_matches_activations_on_deep_prompts(method):
+def test_recompute_matches_activations_on_deep_prompts(method, monkeypatch):
     """``store="recompute"`` replays each of a prompt's edges on its own (the ``Wᵀ`` guess drawn on the prompt's rows
-    only): the estimate equals ``store="activations"``'s."""
+    only), and so does the default store on a graph holding captured activations (a residual stream): the estimate
+    equals the one pulled back through all edges at once (``Site._pulled_back``)."""
+    from guess_optim.site import Site
+
     model = get_vpt_model(tiny_vit(), num_prompt_tokens=2, deep=True).double().train()
     x, y = batch()
     grads = []
-    for store in ("activations", "recompute"):
+    for store, streamed in (("activations", False), ("activations", True), ("recompute", True)):
+        if not streamed:
+            monkeypatch.setattr(Site, "_streamed_next_outputs", lambda self, power: None)
         model.zero_grad(set_to_none=True)
         torch.manual_seed(3)
         with attach(model, method, seed=5, store=store):
             F.cross_entropy(model(x.double()).logits, y).backward()
+        monkeypatch.undo()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 5
+    assert set(grads[0]) == set(grads[1]) == set(grads[2]) and len(grads[0]) == 5
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(grads[2][n], g, rtol=1e-9, atol=1e-12)
