@@ -23,10 +23,11 @@ from . import __version__
 from ._checks import check_device, check_float, check_int
 from ._io import write_json
 from ._seeds import derive_seed
+from .attach import STORES
 from .data import DATASETS, load_dataset, make_loaders
 from .estimators import METHODS, get_estimator
 from .models import ACTIVATIONS, MODELS, build_model
-from .optim import OPTIMIZERS, build_optimizer
+from .optim import OPTIMIZERS, OptimizerInBackward, build_optimizer
 from .trainer import GuessedGradientTrainer
 
 __all__ = ["DEFAULT_EPOCHS", "OPTIMIZERS", "build_optimizer", "derive_seeds", "main"]
@@ -165,11 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--exact-head", action="store_true", help="exact (local) gradient for the output layer")
     t.add_argument(
+        "--store",
+        choices=STORES,
+        default=None,
+        help="what a guessed step keeps from its forward: the activations its estimates read, or nothing "
+        "(recompute: one extra forward in backward, memory near inference's) (default: activations)",
+    )
+    t.add_argument(
+        "--gradient-release",
+        action="store_true",
+        help="step each parameter inside backward as soon as its estimate is complete (one optimizer per "
+        "parameter; with --store recompute a step peaks at about one layer); not with --method backprop",
+    )
+    t.add_argument(
         "--track-cosine",
         type=_int_arg("track_cosine", 0),
-        default=10,
+        default=None,
         metavar="N",
-        help="every N steps, cosine of the estimate to the backprop gradient; 0 turns it off (default: %(default)s)",
+        help="every N steps, cosine of the estimate to the backprop gradient; 0 turns it off (default: 10; 0 with "
+        "--gradient-release, which frees the estimate inside backward)",
     )
     t.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="save DIR/last.pt after every epoch")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir/last.pt")
@@ -201,20 +216,36 @@ def _train(args: argparse.Namespace) -> int:
     train_loader, test_loader = make_loaders(splits, args.batch_size, seed=seeds["loader"], device=device)
     torch.manual_seed(seeds["init"])
     model = _model(args, splits, args.model).to(device)
-    optimizer = build_optimizer(
-        args.optimizer, model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
-    )
+    def optimizer_of(params):
+        return build_optimizer(args.optimizer, params, lr=args.lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay)
+
+    if args.gradient_release:
+        if args.method == "backprop":
+            raise SystemExit("--gradient-release applies to guessed methods (backprop's gradients are not checked "
+                             "for being finite before an in-backward step); drop it or choose another --method")
+        if args.track_cosine:
+            raise SystemExit("--track-cosine reads the estimate after backward, but --gradient-release applies and "
+                             "frees it inside backward: pass --track-cosine 0")
+        optimizer = OptimizerInBackward(model, optimizer_of)
+    else:
+        optimizer = optimizer_of(model.parameters())
+    track_cosine = args.track_cosine if args.track_cosine is not None else 0 if args.gradient_release else 10
+    if args.method == "backprop" and args.store is not None:
+        raise SystemExit("--store applies to guessed methods (backprop keeps what autograd keeps)")
+    store = {} if args.store is None else {"store": args.store}
     trainer = GuessedGradientTrainer(
         model,
         optimizer,
         method=args.method,
         seed=seeds["guesses"],
         device=device,
-        track_cosine=args.track_cosine,
+        track_cosine=track_cosine,
         progress=not args.quiet,
         checkpoint_dir=args.checkpoint_dir,
         num_guesses=args.num_guesses,
         exact_head=args.exact_head,
+        **store,
     )
     start = time.perf_counter()
     history = trainer.fit(train_loader, test_loader, epochs=args.epochs, resume=args.resume)

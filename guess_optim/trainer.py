@@ -26,6 +26,7 @@ from ._rng import capture_rng, cuda_devices, replayed_rng
 from .diagnostics import backprop_gradient, gradient_cosine, read_grads
 from .engine import attach
 from .estimators import get_estimator
+from .optim.in_backward import OptimizerInBackward
 
 __all__ = ["CHECKPOINT_NAME", "GuessedGradientTrainer", "atomic_write"]
 
@@ -69,7 +70,12 @@ class GuessedGradientTrainer:
 
     Args:
         model: the model; moved to ``device``.
-        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+        optimizer: any ``torch.optim.Optimizer`` over the model's parameters, or an
+            :class:`~guess_optim.optim.OptimizerInBackward` (each parameter stepped during ``backward()`` as soon as
+            its estimate is complete; ``gradient_release=True`` is then passed to :func:`~guess_optim.attach`, and
+            with ``store="recompute"`` a step peaks at about one layer above the weights and optimizer state). A
+            non-finite estimate is then skipped for its own parameter only (the others of that step are stepped)
+            and the step counts in :attr:`skipped_steps`.
         method: a method of :data:`~guess_optim.METHODS` (``"backprop"`` trains with exact gradients).
             (default: ``"wt"``)
         loss_fn: ``loss_fn(logits, targets) -> scalar tensor``, mean over the batch. (default:
@@ -85,7 +91,7 @@ class GuessedGradientTrainer:
         checkpoint_dir: if given, save ``checkpoint_dir/last.pt`` atomically after every epoch (created if
             missing); ``fit(..., resume=True)`` continues from it. (default: ``None``)
         **attach_kwargs: passed on to :func:`~guess_optim.attach` (``exact_head``, ``num_guesses``, ``head``,
-            ``downstream_layers``, ``distribution``, ``on_nonfinite``).
+            ``downstream_layers``, ``distribution``, ``on_nonfinite``, ``store``, ``gradient_release``).
 
     Attributes:
         history: one dict per finished epoch (see :meth:`fit`).
@@ -98,7 +104,10 @@ class GuessedGradientTrainer:
     Raises:
         ValueError: unknown ``method`` (from :func:`~guess_optim.get_estimator`), ``track_cosine`` not an int
             >= 0, or ``seed`` not an int >= 0.
-        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            With an :class:`~guess_optim.optim.OptimizerInBackward`: ``track_cosine`` > 0 (the estimate is freed
+            inside ``backward()``), ``method="backprop"`` (its gradient would be applied before it is checked for
+            being finite), or ``gradient_release=False``.
+        TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor an ``OptimizerInBackward``.
     """
 
     def __init__(
@@ -119,8 +128,13 @@ class GuessedGradientTrainer:
         get_estimator(method)  # unknown method: the registry's ValueError, before anything else
         track_cosine = check_int("track_cosine", track_cosine, low=0)
         seed = check_int("seed", seed, low=0)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(optimizer, (torch.optim.Optimizer, OptimizerInBackward)):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or a guess_optim.optim.OptimizerInBackward, "
+                            f"got {type(optimizer).__name__}")
+        self.in_backward = isinstance(optimizer, OptimizerInBackward)
+        if self.in_backward:
+            _check_in_backward(method, track_cosine, attach_kwargs)
+            attach_kwargs = {**attach_kwargs, "gradient_release": True}
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer
@@ -267,7 +281,7 @@ class GuessedGradientTrainer:
             self.cosines.append((step, cos))
         if skipped:
             self.skipped_steps += 1
-        else:
+        elif not self.in_backward:  # an OptimizerInBackward stepped every parameter inside backward()
             self.optimizer.step()
         return value, skipped, cos
 
@@ -416,3 +430,16 @@ class GuessedGradientTrainer:
         self.history = list(state["history"])
         self.skipped_steps = int(state["skipped_steps"])
         self.cosines = [(int(s), float(c)) for s, c in state.get("cosines", [])]
+
+
+def _check_in_backward(method: str, track_cosine: int, attach_kwargs: dict[str, Any]) -> None:
+    """What an :class:`~guess_optim.optim.OptimizerInBackward` cannot be trained with (ValueError naming the fix)."""
+    if get_estimator(method).space == "backprop":
+        raise ValueError("method='backprop' with an OptimizerInBackward would step each parameter before the trainer "
+                         "can see a non-finite loss; use a regular torch.optim optimizer for backprop")
+    if track_cosine:
+        raise ValueError("track_cosine reads the estimate in p.grad after backward(), but an OptimizerInBackward "
+                         "applies and frees it inside backward(): pass track_cosine=0, or a regular optimizer")
+    if attach_kwargs.get("gradient_release", True) is not True:
+        raise ValueError("an OptimizerInBackward needs gradient_release=True (each estimate handed to its parameter's "
+                         "hook as soon as it is complete); leave gradient_release out or pass True")

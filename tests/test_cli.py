@@ -213,3 +213,23 @@ def test_reproduce_is_a_subcommand(capsys):
         main(["reproduce", "--help"])
     assert exit_info.value.code == 0
     assert "usage: guess-optim reproduce" in capsys.readouterr().out
+
+
+def test_train_with_gradient_release_and_recompute(tmp_path):
+    """--gradient-release steps each parameter inside backward (tracking turned off by default); with the plain
+    optimizer step it trains to the same result (element-wise AdamW)."""
+    code, r = train(tmp_path, "--store", "recompute", "--gradient-release", name="released.json")
+    assert code == 0 and r["mean_cosine"] is None and r["config"]["gradient_release"] is True
+    _, plain = train(tmp_path, "--store", "recompute", "--track-cosine", "0", name="plain.json")
+    assert [h["train_loss"] for h in r["history"]] == pytest.approx([h["train_loss"] for h in plain["history"]],
+                                                                      rel=1e-4)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--gradient-release", "--method", "backprop"], "guessed methods"),
+    (["--gradient-release", "--track-cosine", "5"], "--track-cosine 0"),
+    (["--store", "recompute", "--method", "backprop"], "--store applies to guessed methods"),
+])
+def test_train_gradient_release_errors(tmp_path, extra, match):
+    with pytest.raises(SystemExit, match=match):
+        train(tmp_path, *extra)

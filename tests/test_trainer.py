@@ -333,3 +333,65 @@ def test_every_method_trains_one_epoch(digits):
             assert math.isfinite(h[0]["train_loss"]) and abs(h[0]["mean_cosine"]) <= 1 + 1e-12, method
             if method == "backprop":
                 assert h[0]["mean_cosine"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------- optimizer step in backward
+@pytest.mark.parametrize("store", ["activations", "recompute"])
+def test_optimizer_in_backward_trains_as_the_plain_loop(digits, store):
+    """An OptimizerInBackward (one AdamW per parameter, stepped inside backward from the released estimates) gives
+    the parameters of one AdamW stepped after backward, in float64, and the same history."""
+    from guess_optim.optim import OptimizerInBackward
+
+    results = []
+    for in_backward in (False, True):
+        model, _, train_loader, test_loader = setup(digits)
+        model.double()
+        loader = [(x.double(), y) for x, y in list(train_loader)[:4]]
+        factory = lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.0)  # noqa: E731
+        opt = OptimizerInBackward(model, factory) if in_backward else factory(model.parameters())
+        trainer = GuessedGradientTrainer(model, opt, method="wt", seed=0, progress=False, verbose=False, store=store)
+        history = trainer.fit(loader, epochs=2)
+        results.append((params(model), [h["train_loss"] for h in history]))
+        assert trainer.attach_kwargs.get("gradient_release", False) is in_backward
+        if in_backward:
+            opt.remove()
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-10)
+
+
+def test_optimizer_in_backward_refusals(digits):
+    from guess_optim.optim import OptimizerInBackward
+
+    model, _, _, _ = setup(digits)
+    opt = OptimizerInBackward(model, lambda ps: torch.optim.SGD(ps, lr=0.1))
+    with pytest.raises(ValueError, match="track_cosine=0"):
+        GuessedGradientTrainer(model, opt, method="wt", track_cosine=5)
+    with pytest.raises(ValueError, match="regular torch.optim optimizer for backprop"):
+        GuessedGradientTrainer(model, opt, method="backprop")
+    with pytest.raises(ValueError, match="gradient_release=True"):
+        GuessedGradientTrainer(model, opt, method="wt", gradient_release=False)
+    with pytest.raises(TypeError, match="OptimizerInBackward"):
+        GuessedGradientTrainer(model, [opt], method="wt")
+    opt.remove()
+
+
+def test_optimizer_in_backward_resumes(digits, tmp_path):
+    """Checkpoints hold every per-parameter optimizer's state: a resumed run ends where an uninterrupted one does."""
+    from guess_optim.optim import OptimizerInBackward
+
+    def run(epochs, resume, ckpt):
+        model, _, train_loader, _ = setup(digits)
+        loader = list(train_loader)[:3]
+        opt = OptimizerInBackward(model, lambda ps: torch.optim.AdamW(ps, lr=3e-3))
+        trainer = GuessedGradientTrainer(model, opt, method="activation", seed=0, progress=False, verbose=False,
+                                         checkpoint_dir=ckpt)
+        trainer.fit(loader, epochs=epochs, resume=resume)
+        opt.remove()
+        return params(model)
+
+    straight = run(2, False, str(tmp_path / "a"))
+    run(1, False, str(tmp_path / "b"))
+    resumed = run(2, True, str(tmp_path / "b"))
+    for a, b in zip(straight, resumed, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
