@@ -216,6 +216,9 @@ def test_runner_lists_follow_the_registry_and_the_targets():
 
     guessed = {m for m, c in METHODS.items() if c.space != "backprop"}
     assert {bench.parse_runner(r).method for r in bench.every_runner()} == guessed | set(bench.PEERS)
+    # a method whose guess costs many backprop steps (wt-perp: 41) is timed at its default store only
+    assert "wt@recompute" in bench.every_runner() and "wt-perp" in bench.every_runner()
+    assert not any(r.startswith("wt-perp@") for r in bench.every_runner())
     assert bench.backprop_runner() == "backprop"
     named = {t.runner for t in bench.TARGETS} | {t.other for t in bench.TARGETS if t.other}
     assert named <= set(bench.core_runners())

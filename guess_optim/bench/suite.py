@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .floors import DEFAULT_STORE, guessed_methods, parse_runner, with_stores
+from .floors import DEFAULT_STORE, floor_ratio, guessed_methods, parse_runner, with_stores
 from .peers import PEERS
 from .targets import target_runners
 
@@ -104,9 +104,18 @@ class Case:
             raise ValueError(f"Invalid case {self.config.label}: rounds must be >= 1 and warmup >= 0")
 
 
+STORE_VARIANTS_MAX_FLOOR = 4.0
+"""A method whose step floor exceeds this many backprop steps (the follow-up estimators' spectral solvers: 41x) is
+timed at its default store only: its other stores repeat the same cost and would take most of a suite's budget."""
+
+
 def every_runner() -> tuple[str, ...]:
-    """Every registered method (activation-space ones also at every other store), then every peer."""
-    return (*with_stores(guessed_methods()), *PEERS)
+    """Every registered method (activation-space ones also at every other store, unless their floor exceeds
+    :data:`STORE_VARIANTS_MAX_FLOOR`), then every peer."""
+    out: list[str] = []
+    for method in guessed_methods():
+        out += with_stores((method,)) if floor_ratio(method) <= STORE_VARIANTS_MAX_FLOOR else [method]
+    return (*out, *PEERS)
 
 
 def core_runners() -> tuple[str, ...]:
