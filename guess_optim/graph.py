@@ -235,6 +235,12 @@ class _Tracer(TorchFunctionMode):
         self.param_names: dict[int, str] = {}
         self.inside = 0
 
+    def _is_derived(self, t: Tensor) -> bool:
+        """Whether ``t`` was computed from trainable parameters alone (a live entry: the id of a dead tensor may be
+        reused by a batch tensor, which would then be taken for parameter-only, depending on garbage collection)."""
+        entry = self.derived.get(id(t))
+        return entry is not None and entry[0]() is t
+
     def _sources(self, leaves: list) -> tuple[int, ...]:
         out: dict[int, None] = {}
         for t in leaves:
@@ -306,7 +312,7 @@ class _Tracer(TorchFunctionMode):
         leaves, _ = tree_flatten((args, kwargs))
         followed = [t for t in leaves if self.origins(t)]
         sources = self._sources(leaves) if self.trainable else ()
-        if sources and all(not isinstance(t, Tensor) or id(t) in self.constants or id(t) in self.derived
+        if sources and all(not isinstance(t, Tensor) or id(t) in self.constants or self._is_derived(t)
                            for t in leaves):  # parameter-only: remember which parameters it reads
             out = func(*args, **kwargs)
             for o in tree_flatten(out)[0]:

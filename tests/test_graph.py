@@ -484,3 +484,19 @@ def test_wt_draws_only_the_rows_that_reach_the_guess_point(monkeypatch):
     assert spans and all(s[1] == 7 for s in spans)  # the projection's input: 7 tokens, 2 of them the prompt's
     assert torch.allclose(narrowed, full, rtol=0.05, atol=0.03 * float(full.abs().max()))
     assert not torch.allclose(narrowed, full, rtol=1e-6, atol=0)  # different draws, the same law
+
+
+def test_a_dead_tensors_id_is_not_taken_for_parameter_only():
+    """Discovery remembers tensors computed from trainable parameters alone by id; an id whose tensor died may be
+    reused by a batch tensor, which must not then be taken for parameter-only (the same seed gave different ``wt``
+    estimates depending on garbage collection)."""
+    import weakref
+
+    from guess_optim.graph import _Tracer
+
+    tracer = _Tracer(set(), {1})
+    t, other = torch.randn(3), torch.randn(3)
+    tracer.derived[id(t)] = (weakref.ref(other), (1,))  # the entry of a tensor that died, its id now t's
+    assert not tracer._is_derived(t)
+    tracer.derived[id(t)] = (weakref.ref(t), (1,))
+    assert tracer._is_derived(t)
