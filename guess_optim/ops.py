@@ -31,11 +31,11 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .blocks import refuse_block_mixing
 from .contexts import primal
 from .errors import GuessingNotSupportedError
 from .graph import out_of_place
 from .records import OpRecord, Slot, WeightRecord
+from .rowwise import refuse_row_mixing
 
 if TYPE_CHECKING:
     from .step import GuessingStep
@@ -243,8 +243,8 @@ class GuessingMode(TorchFunctionMode):
                 batched.append((entry[0], t.shape, entry[1]))
             elif tracker.derived(t) is not None:
                 params.append(t)
-        if batch_in and step.k > 1:
-            refuse_block_mixing(func, args, kwargs, lambda t: (tracker.batch(t) or (None,))[0], step.k)
+        if batch_in:
+            refuse_row_mixing(func, args, kwargs, lambda t: (tracker.batch(t) or (None,))[0], step.k)
         if params and func in _EMBEDDINGS and _embedding_scales_by_frequency(func, args, kwargs):
             raise GuessingNotSupportedError(
                 "embedding with scale_grad_by_freq=True: its gradient divides by each token's count in the batch, "

@@ -1,13 +1,17 @@
-"""With ``num_guesses=K``, the guessing forward sees the batch repeated ``K`` times along its rows: ``K`` *blocks*
-of the user's ``B`` examples, each carrying its own guesses. Block ``k``'s directional derivative is formed from block
-``k``'s rows and the loss's ``∂L/∂z`` of the user's batch, so every block must compute what the user's batch computes:
-an op that moves values between rows across blocks (a scan or sort along the batch, ``x.flip(0)``,
-``x[torch.randperm(N)]``) makes each block's estimate carry the others' guesses, and the average wrong, with no error
-anywhere.
+"""Ops that move values between the examples' rows along the batch dim, refused while guessing.
 
-:func:`refuse_block_mixing` refuses those ops, naming the op and the fix. An index that maps every block onto itself
-the same way (``x[torch.arange(N)]``, ``logits[torch.arange(N), lengths]``) is what ``K`` copies of the user's forward
-do, and passes. With ``K = 1`` nothing is checked: the one directional derivative is exact for any op, mixing or not.
+Each example's directional derivative ``d_b = <∂L/∂z_b, ż_b>`` is formed from its own output row, so example ``b``'s
+output must depend on example ``b``'s activations only. An op that moves values between rows along the batch dim
+breaks that in a way the statistics check of :mod:`guess_optim.ops` (a value computed across the batch recombined
+with per-example values) does not see, because its output still has one row per example: a scan or sort along the
+batch (``cumsum(0)``, ``sort(0)``), a reordering (``flip(0)``, ``roll``, ``x[torch.randperm(B)]``, manifold mixup), a
+normalization across the batch in one op (``softmax(h, 0)``, ``F.normalize(h, dim=0)``, a ``layer_norm`` whose
+normalized dims include the batch's), a matrix function of a matrix that has the batch among its two last dims
+(``torch.linalg.qr(h)``). Each example's estimate would carry the others' guesses: a wrong average, with no error
+(with ``num_guesses=K`` the batch is repeated ``K`` times and the rows of different guesses mix too).
+
+:func:`refuse_row_mixing` refuses those ops, naming the op and the fix. An index that maps every row onto itself
+(``x[torch.arange(B)]``, ``logits[torch.arange(B), lengths]``) passes.
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ from torch import Tensor
 from .contexts import primal
 from .errors import GuessingNotSupportedError
 
-__all__ = ["refuse_block_mixing"]
+__all__ = ["refuse_row_mixing"]
 
 # ops that move values along one dim of their first input: (index of dim in args, its keyword, default)
 _ALONG = {
     "cumsum": (1, "dim", None), "cumprod": (1, "dim", None), "cummax": (1, "dim", None), "cummin": (1, "dim", None),
     "logcumsumexp": (1, "dim", None), "sort": (1, "dim", -1), "argsort": (1, "dim", -1), "topk": (2, "dim", -1),
-    "kthvalue": (2, "dim", -1),
+    "kthvalue": (2, "dim", -1), "softmax": (1, "dim", None), "log_softmax": (1, "dim", None),
+    "softmin": (1, "dim", None), "gumbel_softmax": (4, "dim", -1), "normalize": (2, "dim", 1), "glu": (1, "dim", -1),
 }
+_SOFTMAX = {"softmax", "log_softmax", "softmin"}  # dim=None: torch's legacy implicit dim
+_MATRIX = {"inverse", "pinverse", "det", "logdet", "slogdet", "matrix_exp", "matrix_power", "cholesky", "qr", "svd",
+           "lu", "linalg_inv", "linalg_pinv", "linalg_qr", "linalg_svd", "linalg_eigh", "linalg_cholesky", "inv",
+           "pinv", "eigh", "eig", "eigvals", "eigvalsh", "svdvals", "solve", "lstsq", "matrix_norm", "cond"}
 _INDEXED = {  # ops that read or write rows by an index tensor: (dim index in args, keyword, index tensor's position)
     "index_select": (1, "dim", 2), "gather": (1, "dim", 2), "take_along_dim": (2, "dim", 1),
     "scatter": (1, "dim", 2), "scatter_add": (1, "dim", 2), "scatter_reduce": (1, "dim", 2),
@@ -38,8 +47,8 @@ _FLATTENING = {"take", "put", "put_"}
 _WRITES = {"__setitem__", "index_put", "scatter", "scatter_add", "scatter_reduce", "index_add", "index_copy",
            "index_reduce"}
 
-_FIX = ("Use num_guesses=1 (average guesses over steps instead), or keep the op within each example (a dim other "
-        "than the batch's).")
+_FIX = ("Keep the op within each example (a dim other than the batch's), make its result a constant (.detach()), or "
+        "use method='backprop' for this model.")
 
 
 def _name(func: Any) -> str:
@@ -54,24 +63,23 @@ def _dim(args: tuple, kwargs: dict, at: int, key: str, default: Any) -> Any:
 
 
 def _refuse(func: Any, what: str, k: int) -> None:
-    raise GuessingNotSupportedError(
-        f"{getattr(func, '__name__', repr(func))!r} {what} along the batch dim while the batch is repeated "
-        f"num_guesses={k} times (one block of rows per guess): rows of different guess blocks would mix, and every "
-        f"estimate would carry the other blocks' guesses (a wrong average, not noise). {_FIX}"
+    repeated = f" (with num_guesses={k}, the rows of different guesses too)" if k > 1 else ""
+    error = GuessingNotSupportedError(
+        f"{getattr(func, '__name__', repr(func))!r} {what} along the batch dim: it moves values between the examples "
+        f"of the batch{repeated}, so each example's directional derivative would carry the others' guesses and the "
+        f"average estimate would be wrong. {_FIX}"
     )
+    error._guess_optim_noted = True  # not the repeated-batch note: num_guesses=1 would not help
+    raise error
 
 
-def _block_consistent(index: Tensor, size: int, k: int) -> bool:
-    """Whether ``index`` (its dim 0 along the rows, values rows of a dim of ``size``) maps each of the ``k`` blocks of
-    ``size // k`` rows onto itself, the same way in every block."""
-    index = primal(index)
-    if index.dim() == 0 or index.shape[0] % k or size % k:
+def _keeps_rows(index: Tensor, size: int) -> bool:
+    """Whether ``index`` (its dim 0 along the rows; values: rows of a dim of ``size``) maps every row onto itself."""
+    index = primal(index).detach()
+    if index.dim() == 0 or index.shape[0] != size:
         return False
-    block = size // k
-    index = index.detach().long().remainder(size).reshape(k, index.shape[0] // k, -1)
-    offsets = torch.arange(k, device=index.device).mul_(block).view(k, 1, 1)
-    local = index - offsets
-    return bool(((local >= 0) & (local < block)).all() and (local == local[:1]).all())
+    rows = torch.arange(size, device=index.device).view(size, *([1] * (index.dim() - 1)))
+    return bool((index.long().remainder(size) == rows).all())
 
 
 def _item_at(index: Any, dim: int, ndim: int) -> Any:
@@ -98,17 +106,17 @@ def _item_at(index: Any, dim: int, ndim: int) -> Any:
     return None
 
 
-def refuse_block_mixing(func: Any, args: tuple, kwargs: dict, rows_of: Callable[[Any], Any], k: int) -> None:
-    """Raise :class:`~guess_optim.errors.GuessingNotSupportedError` if ``func`` moves values between rows of different
-    guess blocks (module docstring).
+def refuse_row_mixing(func: Any, args: tuple, kwargs: dict, rows_of: Callable[[Any], Any], k: int) -> None:
+    """Raise :class:`~guess_optim.errors.GuessingNotSupportedError` if ``func`` moves values between the examples' rows
+    along the batch dim (module docstring).
 
     Args:
         func, args, kwargs: the op as the guessing forward sees it.
         rows_of: where the batch's rows are in a tensor (a :class:`~guess_optim.ops.Rows`), ``None`` for a tensor
             that is not the batch's.
-        k: ``num_guesses`` (nothing is checked for 1).
+        k: ``num_guesses`` (for the message).
     """
-    if k <= 1 or not args:
+    if not args:
         return
     name = _name(func)
     writes = name in _WRITES
@@ -126,8 +134,17 @@ def refuse_block_mixing(func: Any, args: tuple, kwargs: dict, rows_of: Callable[
     size = target.shape[bdim]
     if name in _ALONG:
         dim = _dim(args, kwargs, *_ALONG[name])
+        if dim is None and name in _SOFTMAX:
+            dim = 0 if ndim in (0, 1, 3) else 1
         if isinstance(dim, int) and dim % ndim == bdim:
-            _refuse(func, "scans or sorts the rows", k)
+            _refuse(func, "scans, sorts or normalizes the rows", k)
+    elif name == "layer_norm":
+        shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape", ())
+        if bdim >= ndim - len(shape if isinstance(shape, (list, tuple, torch.Size)) else (shape,)):
+            _refuse(func, "normalizes over dims that include", k)
+    elif name.removeprefix("linalg_") in _MATRIX or name in _MATRIX:
+        if bdim >= ndim - 2 and ndim >= 2:
+            _refuse(func, "is a matrix function of a matrix whose rows or columns run", k)
     elif name in ("msort", "flipud"):
         if bdim == 0:
             _refuse(func, "reorders the rows", k)
@@ -148,13 +165,12 @@ def refuse_block_mixing(func: Any, args: tuple, kwargs: dict, rows_of: Callable[
         if isinstance(dim, int) and dim % ndim == bdim and isinstance(index, Tensor):
             if name in ("gather", "take_along_dim", "scatter", "scatter_add", "scatter_reduce") and index.dim() > bdim:
                 index = index.movedim(bdim, 0)
-            if not _block_consistent(index, size, k):
+            if not _keeps_rows(index, size):
                 _refuse(func, "moves rows by an index", k)
     elif name in ("__getitem__", "__setitem__", "index_put"):
         index = args[1] if len(args) > 1 else kwargs.get("indices")
         item = _item_at(tuple(index) if name == "index_put" else index, bdim, ndim)
         if isinstance(item, (list, range)):
             item = torch.as_tensor(list(item))
-        if isinstance(item, Tensor) and item.dtype != torch.bool and item.dim() > 0 and (
-                not _block_consistent(item, size, k)):
+        if isinstance(item, Tensor) and item.dtype != torch.bool and item.dim() > 0 and not _keeps_rows(item, size):
             _refuse(func, "selects or writes rows by an index", k)
