@@ -38,9 +38,14 @@ class GraphCache:
         self.max_size = max_size
         self._graphs: dict[tuple, Graph] = {}
 
-    def get(self, args: tuple, kwargs: dict) -> Graph:
+    def get(self, args: tuple, kwargs: dict, trainable: list[Tensor] | None = None) -> Graph:
         """The graph of the model's forward on these inputs: cached, or discovered by one traced forward run with the
-        global RNG forked and buffers restored after (the extra forward leaves no trace)."""
+        global RNG forked and buffers restored after (the extra forward leaves no trace).
+
+        ``trainable``: the parameters the step estimates (an op reading one of them is an op-level guess point); the
+        engine passes them, as the ``store="recompute"`` replay discovers while they are frozen. (default: those that
+        require grad now)
+        """
         from .contexts import parameters_frozen
 
         leaves = tree_flatten((args, kwargs))[0]
@@ -49,9 +54,10 @@ class GraphCache:
         if graph is not None:
             return graph
         model = self.model
+        if trainable is None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
         buffers = [b.detach().clone() for b in model.buffers()]
         devices = sorted({t.device.index or 0 for t in leaves if isinstance(t, Tensor) and t.device.type == "cuda"})
-        trainable = [p for p in model.parameters() if p.requires_grad]
         try:
             with self.internal(), torch.random.fork_rng(devices=devices), parameters_frozen(model, trainable):
                 graph = discover(model, lambda: model(*args, **kwargs), self.modules, self.boundary, self.sources,

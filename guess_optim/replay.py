@@ -41,7 +41,7 @@ def replay(step: GuessingStep) -> dict[int, Tensor]:
     Returns:
         ``{id(parameter): estimate}``.
     """
-    from .step import GuessingStep
+    from .step import GuessingStep, repeat_labels
 
     handle, saved = step.handle, step.saved
     model = handle.model
@@ -58,7 +58,9 @@ def replay(step: GuessingStep) -> dict[int, Tensor]:
         with handle.generators_at(saved["generators"]), replayed_rng(saved["rng"]), \
                 parameters_frozen(model, trainable), sdpa_kernel([SDPBackend.MATH]):
             if again.graph is None and needs_graph:
-                again.graph = handle.graphs.get(saved["args"], saved["kwargs"])
+                # as the first forward discovered: labels repeated, the step's trainable parameters (frozen here)
+                again.graph = handle.graphs.get(saved["args"], repeat_labels(saved["kwargs"], step.batch,
+                                                                             handle.num_guesses), trainable)
                 again.graph_uses = handle.graphs.uses(again.graph, handle.guess_points, handle.exact_head)
             handle._step = again
             with GuessingMode(again):

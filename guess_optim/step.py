@@ -123,8 +123,9 @@ class GuessingStep:
                 "torch.autograd.forward_ad.dual_level(), which PyTorch does not nest"
             )
         needs_graph = handle.estimator.needs is not None or handle.exact_head
-        graph = handle.graphs.get(args, _repeat_labels(kwargs, batch, handle.num_guesses)) if needs_graph else None
         trainable = {id(p): p for p in handle.model.parameters() if p.requires_grad}
+        graph = handle.graphs.get(args, repeat_labels(kwargs, batch, handle.num_guesses),
+                                  list(trainable.values())) if needs_graph else None
         computed = [n for n, p in handle.model.named_parameters() if p.requires_grad and not p.is_leaf]
         if computed:
             raise GuessingNotSupportedError(
@@ -473,7 +474,7 @@ def _project(d: Tensor, gram: Tensor, k: int) -> Tensor:
     return (k * coeffs.squeeze(-1)).T.reshape(-1).to(d.dtype)
 
 
-def _repeat_labels(kwargs: dict, batch: int, k: int) -> dict:
+def repeat_labels(kwargs: dict, batch: int, k: int) -> dict:
     """The keyword arguments with the labels repeated like the batch, for graph discovery: its forward is not cut at
     the head, so a loss computed inside forward sees ``K x B`` logits there."""
     if k == 1:

@@ -7,6 +7,8 @@ pattern that cannot be estimated raises an error that names the fix. No test acc
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -700,3 +702,35 @@ def test_labels_inside_forward_with_num_guesses_and_structured_guesses():
         with attach(model, method, num_guesses=2, head=model.head, seed=0):
             model(x, labels=y).backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class _RawResidual(nn.Module):
+    """A raw parameter meets the batch (an op-level guess point), then a residual block (a graph holding captured
+    activations: discovered again by the recompute replay)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.p = nn.Parameter(0.1 * torch.randn(6))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)) + self.p
+        return self.o(h + torch.tanh(self.b(h)))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("method", ["wt", "mixing", "downstream", "activation"])
+def test_recompute_equals_activations_with_an_op_level_guess_point_before_a_residual(method, k):
+    """The recompute replay rediscovers a graph that holds captured activations; it did so with the trainable
+    parameters frozen, so the op-level guess point ``add(p)`` was not found and the structured guesses of ``a`` and
+    ``p`` differed from the forward's: a biased estimate (averaged ``mixing`` cosine to backprop -0.65 on ``o``)."""
+    torch.manual_seed(0)
+    model, (x, y) = _RawResidual(), data(batch=4)
+    grads = []
+    for store in ("activations", "recompute"):
+        m = copy.deepcopy(model)
+        with attach(m, method, seed=0, store=store, num_guesses=k):
+            F.cross_entropy(m(x), y).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-10, atol=1e-12, msg=n)
