@@ -9,6 +9,12 @@ record of a parameter is in, its estimate is checked for non-finite values and a
 one-node autograd graph (:class:`_Deliver`), so that autograd runs the parameter's hooks (the optimizer step) at once
 and takes the tensor without a copy. The boundary (:class:`~guess_optim.boundary.Estimate`) then returns ``None`` for
 the parameters already delivered.
+
+With ``store="recompute"`` a structured guess replayed in backward reads its next modules' weights (``wt``'s ``Wᵀ``,
+``downstream``'s forward through them), as the first forward's did: a parameter is delivered only once its last record
+is in and the last replayed guess that reads it has been drawn. Both usually come in that order (a guess reads the
+modules after it); a module called twice is the exception (``shared → mid → shared``: ``mid``'s only record comes
+before the guess of ``shared``'s second call, which reads it again: a module's edges are those of all its calls).
 """
 
 from __future__ import annotations
@@ -98,6 +104,8 @@ class GradientRelease:
         self.handle = handle
         self.trainable = trainable
         self.expected: dict[int, int] = {}
+        self.reads: dict[int, int] = {}  # store="recompute": replayed guesses still to read each parameter
+        self.waiting: set[int] = set()  # every record in, some guess still to read it
         self.delivered: set[int] = set()
         self.skipped: list[str] = []
         self.started = False
@@ -122,6 +130,28 @@ class GradientRelease:
         for key in {id(p) for p in record.params.values()}:
             if key in self.trainable:
                 self.expected[key] = self.expected.get(key, 0) + 1
+
+    def expect_reads(self, keys: Iterable[int]) -> None:
+        """The forward (``store="recompute"``): a guess read these parameters (:attr:`Site.read
+        <guess_optim.site.Site.read>`); its replay in backward will read them again."""
+        for key in keys:
+            if key in self.trainable:
+                self.reads[key] = self.reads.get(key, 0) + 1
+
+    def read(self, keys: Iterable[int], grads: dict[int, Tensor]) -> None:
+        """The backward: a replayed guess read these parameters; deliver those it was the last to read and whose
+        records are all in."""
+        for key in keys:
+            n = self.reads.get(key)
+            if n is None:
+                continue
+            if n > 1:
+                self.reads[key] = n - 1
+                continue
+            del self.reads[key]
+            if key in self.waiting:
+                self.waiting.discard(key)
+                self.deliver(key, grads)
 
     def start(self, d: Tensor) -> bool:
         """The backward, before any estimate: whether the directional derivatives ``d`` are finite (when they are
@@ -167,13 +197,18 @@ class GradientRelease:
             self.expected[key] -= 1
             if self.expected[key] == 0:
                 del self.expected[key]
-                self.deliver(key, grads)
+                if key in self.reads:  # a later replayed guess reads it: stepped after that guess is drawn
+                    self.waiting.add(key)
+                else:
+                    self.deliver(key, grads)
 
     def finish(self, grads: dict[int, Tensor]) -> None:
         """The backward, after the last record: deliver what is left (parameters whose records did not all come)."""
         for key in [k for k in grads if k in self.trainable and k not in self.delivered]:
             self.deliver(key, grads)
         self.expected.clear()
+        self.reads.clear()
+        self.waiting.clear()
 
     def deliver(self, key: int, grads: dict[int, Tensor]) -> None:
         """Accumulate ``grads[key]`` (removed from it) into the parameter's ``.grad``; autograd runs its hooks.

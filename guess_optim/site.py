@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .contexts import own_autograd
-from .graph import BOUNDARY, Edge, Graph
+from .graph import BOUNDARY, Edge, Graph, OpNode
 from .jacobian import UpstreamJacobian, upstream_jacobian
 from .local_grad import power_singular_values
 
@@ -34,6 +34,9 @@ class Site:
         num_guesses: ``K``: the rows are ``K`` blocks of the batch.
         module: the guess point's module. ``name``: its qualified name in the model.
         edges: the edges to the next modules (empty for the output layer: no next module).
+        read: ids of the parameters of the modules (and op-level guess points) whose weights or forward the guess read
+            (the next modules for ``next_outputs``, ``next_jacobian`` and ``downstream``): stepping in backward
+            (``gradient_release=True``) steps none of them before the replayed guess has read it.
     """
 
     def __init__(self, output: Tensor, generator: torch.Generator, num_guesses: int, module: nn.Module, name: str,
@@ -48,6 +51,7 @@ class Site:
         self._graph = graph
         self._internal = internal
         self._streamed = streamed  # keep one edge's replayed values alive at a time (Step.draw_guess says when)
+        self.read: set[int] = set()
 
     @property
     def has_next(self) -> bool:
@@ -153,6 +157,8 @@ class Site:
         memo: dict[int, Tensor] = {}  # the edges' chains share their prefixes (a residual stream)
         for edge in self.edges:
             x = edge.chain(s, memo)
+            if target != "post":
+                self._reads(edge.consumer)
             if target == "post":
                 out.append(x)
                 lifts.append(None)
@@ -183,8 +189,16 @@ class Site:
             if layers <= 1 or e.consumer is BOUNDARY:
                 out.append(x)
             else:
+                self._reads(e.consumer)
                 out.extend(self._downstream(e.consumer, e.consume(x), layers - 1))
         return out
+
+    def _reads(self, consumer: Any) -> None:
+        """The guess reads ``consumer``'s parameters (a module's, or those an op-level guess point reads)."""
+        if isinstance(consumer, nn.Module):
+            self.read.update(id(p) for p in consumer.parameters())
+        elif isinstance(consumer, OpNode):
+            self.read.update(consumer.key[0][1])  # (op_key, occurrence); op_key: (op name, parameter ids)
 
     def _streamed_next_outputs(self, power: float) -> tuple[list[Tensor], Pullback] | None:
         """``next_outputs`` of ``store="recompute"``, and of a graph holding captured activations (a residual stream),
@@ -196,6 +210,8 @@ class Site:
         if any(type(e.consumer) is not nn.Linear or e.shape is None for e in edges):
             return None
         primal = self.output
+        for e in edges:
+            self._reads(e.consumer)
         lifts = [e.consumer.weight.detach() for e in edges]
         if power != 1.0:
             lifts = [power_singular_values(w, power) for w in lifts]

@@ -219,7 +219,15 @@ class GuessingStep:
         streamed = handle.store == "recompute" or self.graph_uses is not None
         site = Site(value, handle.generator(value.device), self.k, module, name, edges or [], self.graph,
                     handle.internal, streamed=streamed)
-        return from_rows(self.estimator.guess(site), rows, output.shape)
+        guess = self.estimator.guess(site)
+        release = self.release
+        if release is not None and handle.store == "recompute" and site.read:
+            # the replay draws this guess again in backward: the weights it read must not be stepped before then
+            if self.replaying:
+                release.read(site.read, self.grads)
+            else:
+                release.expect_reads(site.read)
+        return from_rows(guess, rows, output.shape)
 
     def op_name(self, func: Any, params: list[Tensor]) -> str:
         names = self.handle.param_names

@@ -122,6 +122,41 @@ def test_tied_raw_and_parametrized_parameters_are_delivered_after_their_last_use
         torch.testing.assert_close(q, p, **TOL)
 
 
+class Reused(nn.Module):
+    """A module called twice (``shared``: its first call's next module is ``mid``, whose next module is ``shared``
+    again); ``tied=True`` also reads ``inp``'s weight at the output (an op-level guess point)."""
+
+    def __init__(self, tied: bool = False):
+        super().__init__()
+        self.tied = tied
+        self.inp, self.shared, self.mid = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.out = None if tied else nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
+        h = torch.tanh(self.shared(torch.tanh(self.mid(h))))
+        return F.linear(h, self.inp.weight) if self.tied else self.out(h)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["reused", "reused-tied"])
+@pytest.mark.parametrize("method", ["wt", "downstream", "mixing", "activation", "wt-perp", "self-sharpening"])
+def test_a_module_called_twice_with_recompute(method, tied):
+    """A structured guess reads its next modules' weights: replayed in backward, it must read the values the first
+    forward read, although a next module whose uses are all in (``mid``, read again by ``shared``'s second call) could
+    already be stepped."""
+
+    def build():
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        return Reused(tied), torch.randn(4, 8, generator=g), torch.randint(0, 8 if tied else 3, (4,), generator=g)
+
+    start, plain, released = plain_and_released(build, method, optimizer="sgd", store="recompute")
+    for (name, p), q, p0 in zip(plain.named_parameters(), released.parameters(), start.parameters(), strict=True):
+        assert not torch.equal(p, p0), name
+        torch.testing.assert_close(q, p, **TOL, msg=name)
+        assert q.grad is None, name
+
+
 def test_each_estimate_is_stepped_and_freed_before_the_next_layer_runs():
     """The structure of the memory saving: during ``backward()`` the replayed forward of layer i is followed by the
     steps of layer i's parameters, before layer i+1 is called; when a parameter is stepped, every earlier estimate is
