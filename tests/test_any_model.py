@@ -316,6 +316,27 @@ def test_embedding_max_norm_and_padding_idx(option, method):
             assert torch.equal(model[0].weight.grad[0], torch.zeros(4))  # the padding row is not trained
 
 
+class DirectTorchEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table, self.out = nn.Parameter(torch.randn(6, 4)), nn.Linear(12, 3)
+
+    def forward(self, ids):
+        return self.out(torch.embedding(self.table, ids, 0).flatten(1))  # padding_idx=0, not through F.embedding
+
+
+def test_torch_embedding_padding_row_gets_no_directional_guess():
+    """``torch.embedding`` called directly: only ``F.embedding``'s padding row got a zero weight guess, so this one's
+    estimate was noise where backprop's gradient is zero by definition."""
+    torch.manual_seed(0)
+    model = DirectTorchEmbedding()
+    ids, y = torch.tensor([[0, 1, 2], [3, 0, 5], [1, 1, 4]]), torch.tensor([0, 1, 2])
+    with attach(model, "directional", seed=1):
+        F.cross_entropy(model(ids), y).backward()
+    assert torch.equal(model.table.grad[0], torch.zeros(4))
+    assert model.table.grad[1:].abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------- dropped tangents
 class ScatterProd(nn.Module):
     def __init__(self):
