@@ -35,6 +35,7 @@ from .blocks import refuse_block_mixing
 from .contexts import primal
 from .errors import GuessingNotSupportedError
 from .graph import out_of_place
+from .guesses import zero_padding
 from .records import OpRecord, Slot, WeightRecord
 
 if TYPE_CHECKING:
@@ -518,6 +519,7 @@ class GuessingMode(TorchFunctionMode):
                           source_params=[(t,) if id(t) in step.trainable else tracker.derived(t) for t in sources])
         node, edges = step.op_site(func, tuple(dict.fromkeys(id(p) for ps in record.source_params for p in ps)))
         graph = step.graph
+        padding = _embedding_padding(func, args, kwargs)  # its padding positions get no guess (guesses.zero_padding)
         for i, o in enumerate(leaves):
             if not isinstance(o, Tensor) or not o.is_floating_point():
                 continue
@@ -532,6 +534,7 @@ class GuessingMode(TorchFunctionMode):
                 )
             first = not record.outputs  # the graph follows an op's first output
             u = step.draw_guess(o, b, name, node if first else None, edges if first else None)
+            u = zero_padding(u, *padding) if first else u
             record.outputs.append(i)
             record.guesses.append(u)
             record.rows.append(tuple(b))
