@@ -42,6 +42,7 @@ __all__ = [
     "normalize_rows",
     "random_cotangent",
     "wt_guess",
+    "zero_padding",
 ]
 
 Pullback = Callable[[Iterable[Tensor]], Tensor]
@@ -170,6 +171,20 @@ def directional_guess(param: Tensor, generator: torch.Generator) -> Tensor:
     norm ``sqrt(numel)`` (still exactly unbiased)."""
     v = random_cotangent(param.detach(), generator)
     return normalize_rows(v.reshape(1, -1), inplace=True).reshape(param.shape)
+
+
+def zero_padding(u: Tensor, ids: Tensor | None, padding_idx: int | None) -> Tensor:
+    """An embedding's output guess ``u`` (``[*ids.shape, D]``) with zeros at the positions whose id is
+    ``padding_idx`` (non-negative; ``None``: ``u`` unchanged).
+
+    Backprop's gradient through those positions only reaches the padding row, whose gradient is zero by definition:
+    a guess there adds nothing to the estimate but noise to every directional derivative (a norm after the embedding
+    sees an all-zero input there, with a Jacobian of order ``1/sqrt(eps)``). The guess of the other positions is
+    unchanged, so an unbiased estimate stays unbiased (``E[u uᵀ]`` restricted to them is still ``I``).
+    """
+    if padding_idx is None:
+        return u
+    return u.masked_fill((ids == padding_idx).unsqueeze(-1), 0)
 
 
 def __getattr__(name: str):

@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .contexts import primal
 from .errors import GuessingNotSupportedError
 from .graph import out_of_place
+from .guesses import zero_padding
 from .records import OpRecord, Slot, WeightRecord
 from .rowwise import refuse_row_mixing
 
@@ -74,6 +75,20 @@ def _embedding_scales_by_frequency(func: Any, args: tuple, kwargs: dict) -> bool
     if func is F.embedding:
         return bool(kwargs.get("scale_grad_by_freq", args[5] if len(args) > 5 else False))
     return bool(kwargs.get("scale_grad_by_freq", args[3] if len(args) > 3 else False))
+
+
+def _embedding_padding(func: Any, args: tuple, kwargs: dict) -> tuple[Tensor | None, int | None]:
+    """``(ids, padding_idx)`` of an embedding op, ``padding_idx`` non-negative or ``None`` (no padding row);
+    ``(None, None)`` for any other op."""
+    if func is F.embedding:  # (input, weight, padding_idx=None, ...): a negative index counts from the end
+        ids = kwargs.get("input", args[0] if args else None)
+        weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
+        pad = kwargs.get("padding_idx", args[2] if len(args) > 2 else None)
+        return primal(ids), (pad + weight.shape[0] if pad is not None and pad < 0 else pad)
+    if func is torch.embedding:  # (weight, indices, padding_idx=-1, ...): a negative index is no padding row
+        pad = kwargs.get("padding_idx", args[2] if len(args) > 2 else -1)
+        return primal(kwargs.get("indices", args[1] if len(args) > 1 else None)), (pad if pad >= 0 else None)
+    return None, None
 
 
 def _drops_tangent_on_purpose(func: Any) -> bool:
@@ -367,10 +382,9 @@ class GuessingMode(TorchFunctionMode):
                 broadcast[id(t)] = self._broadcast_tangent(t, sources)  # (a cls token expanded to the batch)
             elif id(t) not in stacks:
                 v = step.weight_guesses(t)
-                if func is F.embedding:  # backprop's gradient of the padding row is zero: so is its guess
-                    pad = kwargs.get("padding_idx", args[2] if len(args) > 2 else None)
-                    if pad is not None:
-                        v[:, pad] = 0
+                pad = _embedding_padding(func, args, kwargs)[1]
+                if pad is not None:  # backprop's gradient of the padding row is zero: so is its guess
+                    v[:, pad] = 0
                 stacks[id(t)] = (t, v)
         if step.replaying:
             self._weight_records(stacks, per_block=True)
@@ -505,6 +519,7 @@ class GuessingMode(TorchFunctionMode):
                           source_params=[(t,) if id(t) in step.trainable else tracker.derived(t) for t in sources])
         node, edges = step.op_site(func, tuple(dict.fromkeys(id(p) for ps in record.source_params for p in ps)))
         graph = step.graph
+        padding = _embedding_padding(func, args, kwargs)  # its padding positions get no guess (guesses.zero_padding)
         for i, o in enumerate(leaves):
             if not isinstance(o, Tensor) or not o.is_floating_point():
                 continue
@@ -519,6 +534,7 @@ class GuessingMode(TorchFunctionMode):
                 )
             first = not record.outputs  # the graph follows an op's first output
             u = step.draw_guess(o, b, name, node if first else None, edges if first else None)
+            u = zero_padding(u, *padding) if first else u
             record.outputs.append(i)
             record.guesses.append(u)
             record.rows.append(tuple(b))

@@ -41,7 +41,7 @@ from .contexts import load_jvp_decompositions, parameters_frozen, primal
 from .errors import GuessingNotSupportedError
 from .estimators import Directional
 from .graph import Graph, GraphError, op_key
-from .guesses import isotropic_guess
+from .guesses import isotropic_guess, zero_padding
 from .local_grad import product_tangent, weight_space_jvp
 from .ops import GuessingMode, Rows, Tracker, from_rows, to_rows
 from .prompts import PromptTokens
@@ -325,15 +325,19 @@ class GuessingStep:
         regenerate = (self.estimator.regenerable and handle.store == "activations" and not self.replaying
                       and handle._captured is None and out.numel() * out.element_size() >= REGENERATE_MIN_BYTES)
         state = handle.generator(out.device).get_state() if regenerate else None
-        guess = self.draw_guess(out, rows, handle.names[module], module, edges)
+        # an embedding's padding positions get no guess (guesses.zero_padding)
+        padding = (inputs[0], module.padding_idx) if isinstance(module, nn.Embedding) else (None, None)
+        guess = zero_padding(self.draw_guess(out, rows, handle.names[module], module, edges), *padding)
         record = ActivationRecord(module, params, inputs, guess=guess, rows=tuple(rows))
         if regenerate:  # keep the generator's state, not the guess: drawn again in backward, one layer at a time
-            record.guess, record.redraw = None, self._redraw(out, rows, handle.names[module], state)
+            record.guess, record.redraw = None, self._redraw(out, rows, handle.names[module], state, padding)
         return record, guess
 
-    def _redraw(self, out: Tensor, rows: Rows, name: str, state: Tensor) -> Callable[[], Tensor]:
+    def _redraw(self, out: Tensor, rows: Rows, name: str, state: Tensor,
+                padding: tuple[Tensor | None, int | None]) -> Callable[[], Tensor]:
         """The guess of a regenerable estimator (its guess depends on the output's shape, dtype and device and on the
-        generator only), drawn again from the generator state it was first drawn from."""
+        generator only), drawn again from the generator state it was first drawn from; ``padding``: an embedding's
+        ``(ids, padding_idx)``, zeroed there as when first drawn (:func:`~guess_optim.guesses.zero_padding`)."""
         handle, like = self.handle, out.new_empty(()).expand(out.shape)
         gen = handle.generator(out.device)
 
@@ -341,7 +345,7 @@ class GuessingStep:
             current = gen.get_state()
             gen.set_state(state)
             try:
-                return self.draw_guess(like, rows, name)
+                return zero_padding(self.draw_guess(like, rows, name), *padding)
             finally:
                 gen.set_state(current)
 

@@ -106,7 +106,8 @@ class GuessedGradientTrainer:
             >= 0, or ``seed`` not an int >= 0.
             With an :class:`~guess_optim.optim.OptimizerInBackward`: ``track_cosine`` > 0 (the estimate is freed
             inside ``backward()``), ``method="backprop"`` (its gradient would be applied before it is checked for
-            being finite), or ``gradient_release=False``.
+            being finite), or ``gradient_release=False``. With a regular ``torch.optim.Optimizer``:
+            ``gradient_release=True`` (nothing would step the estimates inside ``backward()``).
         TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor an ``OptimizerInBackward``.
     """
 
@@ -135,6 +136,8 @@ class GuessedGradientTrainer:
         if self.in_backward:
             _check_in_backward(method, track_cosine, attach_kwargs)
             attach_kwargs = {**attach_kwargs, "gradient_release": True}
+        else:
+            _check_regular(optimizer, attach_kwargs)
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.optimizer = optimizer
@@ -443,3 +446,15 @@ def _check_in_backward(method: str, track_cosine: int, attach_kwargs: dict[str, 
     if attach_kwargs.get("gradient_release", True) is not True:
         raise ValueError("an OptimizerInBackward needs gradient_release=True (each estimate handed to its parameter's "
                          "hook as soon as it is complete); leave gradient_release out or pass True")
+
+
+def _check_regular(optimizer: torch.optim.Optimizer, attach_kwargs: dict[str, Any]) -> None:
+    """What a regular ``torch.optim`` optimizer (stepped after ``backward()``) cannot be trained with (ValueError
+    naming the fix)."""
+    if attach_kwargs.get("gradient_release"):
+        raise ValueError(
+            f"gradient_release=True hands each estimate to a hook that steps its parameter inside backward(), but "
+            f"{type(optimizer).__name__} is a regular optimizer stepped after backward(): nothing would step in "
+            "backward (a warning every step, and a plain loop). Pass a guess_optim.optim.OptimizerInBackward "
+            "(gradient_release is then set for you), or drop gradient_release"
+        )

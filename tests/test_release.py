@@ -333,6 +333,13 @@ def test_a_ddp_wrapped_model_is_refused(tmp_path):
         dist.destroy_process_group()
 
 
+class _ClosureSGD(torch.optim.SGD):
+    """Any optimizer whose ``step`` requires a closure, not only ``LBFGS``."""
+
+    def step(self, closure):
+        return super().step(closure)
+
+
 OPTIMIZER_IN_BACKWARD_ERRORS = [
     (lambda m: ([], OPTIMIZERS["sgd"]), {}, ValueError, "no parameters"),
     (lambda m: ([m.layers[1].weight] * 2, OPTIMIZERS["sgd"]), {}, ValueError, "twice"),
@@ -340,6 +347,9 @@ OPTIMIZER_IN_BACKWARD_ERRORS = [
     (lambda m: (m, "sgd"), {}, TypeError, "callable"),
     (lambda m: (m, lambda ps: ps), {}, TypeError, "torch.optim.Optimizer"),
     (lambda m: (m, OPTIMIZERS["sgd"]), {"max_grad_norm": -1.0}, ValueError, "Invalid max_grad_norm"),
+    # it was accepted, then failed mid-backward with a raw "LBFGS.step() missing 'closure'"
+    (lambda m: (m, torch.optim.LBFGS), {}, ValueError, r"LBFGS.step\(\) requires a closure"),
+    (lambda m: (m, _ClosureSGD), {}, ValueError, r"_ClosureSGD.step\(\) requires a closure"),
 ]
 
 
@@ -348,6 +358,16 @@ def test_optimizer_in_backward_refuses(args, kwargs, error, match):
     model, _, _ = mlp_and_batch()
     with pytest.raises(error, match=match):
         OptimizerInBackward(*args(model), **kwargs)
+
+
+def test_optimizer_in_backward_accepts_an_optional_closure():
+    class OptionalClosure(torch.optim.SGD):
+        def step(self, closure=None, *args, **kwargs):
+            return super().step(closure)
+
+    model, _, _ = mlp_and_batch()
+    with OptimizerInBackward(model, lambda ps: OptionalClosure(ps, lr=0.1)) as opt:
+        assert len(opt) == len(list(model.parameters()))
 
 
 def test_optimizer_in_backward_clips_per_parameter_and_round_trips_its_state():

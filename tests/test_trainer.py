@@ -376,6 +376,15 @@ def test_optimizer_in_backward_refusals(digits):
     opt.remove()
 
 
+def test_gradient_release_with_a_regular_optimizer_is_refused(digits):
+    """It was accepted, then warned on every step that no optimizer stepped the estimate in backward (a plain loop)."""
+    model, _, _, _ = setup(digits)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="Pass a guess_optim.optim.OptimizerInBackward.*or drop gradient_release"):
+        GuessedGradientTrainer(model, sgd, method="wt", gradient_release=True)
+    GuessedGradientTrainer(model, sgd, method="wt", gradient_release=False, progress=False, verbose=False)
+
+
 def test_optimizer_in_backward_resumes(digits, tmp_path):
     """Checkpoints hold every per-parameter optimizer's state: a resumed run ends where an uninterrupted one does."""
     from guess_optim.optim import OptimizerInBackward

@@ -10,6 +10,7 @@ backprop as well.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -51,7 +52,9 @@ class OptimizerInBackward:
         optimizers: ``{parameter: its optimizer}`` (in the order of ``params``).
 
     Raises:
-        ValueError: no parameter, a parameter given twice or not requiring grad, or an invalid ``max_grad_norm``.
+        ValueError: no parameter, a parameter given twice or not requiring grad, an invalid ``max_grad_norm``, or an
+            optimizer whose ``step`` requires a closure (``LBFGS``: it re-evaluates the loss, which cannot be done
+            from inside ``backward()``).
         TypeError: ``factory`` is not callable or returns something other than a ``torch.optim.Optimizer``.
     """
 
@@ -78,6 +81,13 @@ class OptimizerInBackward:
             opt = factory([p])
             if not isinstance(opt, Optimizer):
                 raise TypeError(f"factory returned {type(opt).__name__}, expected a torch.optim.Optimizer")
+            if _requires_closure(opt):
+                raise ValueError(
+                    f"{type(opt).__name__}.step() requires a closure (it re-evaluates the loss), which cannot run "
+                    "inside backward(): OptimizerInBackward steps with step() alone. Use an optimizer whose closure is "
+                    "optional (SGD, Adam, AdamW, StableAdamW), or step this one in a plain loop "
+                    "(optimizer.step(closure) after backward(), without OptimizerInBackward and gradient_release)"
+                )
             self.optimizers[p] = opt
         self._hooks = [p.register_post_accumulate_grad_hook(self._step) for p in params]
 
@@ -139,3 +149,13 @@ class OptimizerInBackward:
     def __repr__(self) -> str:
         kinds = sorted({type(o).__name__ for o in self.optimizers.values()})
         return f"OptimizerInBackward({len(self)} parameters, {'/'.join(kinds)}, hooks={'on' if self._hooks else 'off'})"
+
+
+def _requires_closure(opt: Optimizer) -> bool:
+    """Whether ``opt.step`` has a ``closure`` parameter without a default (``LBFGS``): it cannot step in backward."""
+    try:
+        closure = inspect.signature(opt.step).parameters.get("closure")
+    except (TypeError, ValueError):  # no signature to read (a builtin): assume step() alone works
+        return False
+    return (closure is not None and closure.default is inspect.Parameter.empty
+            and closure.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD))
