@@ -51,14 +51,15 @@ def parameters_frozen(model: nn.Module, params: Sequence[nn.Parameter]) -> Itera
     checkpointing = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
     for m in checkpointing:
         m.gradient_checkpointing = False
+    before = [p.requires_grad for p in params]  # restored as found: nested (the recompute replay discovers inside)
     for p in params:
         p.requires_grad_(False)
     try:
         with torch.enable_grad():
             yield
     finally:
-        for p in params:
-            p.requires_grad_(True)
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)
         for m in checkpointing:
             m.gradient_checkpointing = True
 

@@ -134,3 +134,31 @@ def test_recompute_keeps_no_activation(method):
 
 def test_directional_keeps_no_activation():
     assert activations_kept("directional") == (0, 3)
+
+
+class _Residual(nn.Module):
+    """A residual block: its graph holds captured activations, so the recompute replay discovers it again."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.o = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.o(h + torch.tanh(self.b(h)))
+
+
+@pytest.mark.parametrize("store", ["activations", "recompute"])
+def test_no_reverse_graph_through_the_model_in_any_forward_of_a_step(store):
+    """Every forward of a guessing step (the guessing forward, graph discovery, the recompute replay and its own
+    discovery) runs with the trainable parameters frozen: a layer's output carries no reverse graph. The replay's
+    discovery used to unfreeze them on exit (a nested freeze restored ``requires_grad=True``), so the rest of the
+    replay built a reverse graph through the whole model (ViT-B/16 prompt tuning: 0.30x -> 1.18x backprop's peak)."""
+    model = _Residual()
+    seen = []
+    model.b.register_forward_hook(lambda m, args, out: seen.append(fwAD.unpack_dual(out).primal.requires_grad))
+    with attach(model, "wt", seed=0, store=store):
+        F.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    assert len(seen) == (4 if store == "recompute" else 2) and not any(seen)
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is not None for p in model.parameters())
