@@ -47,6 +47,9 @@ _FLATTENING = {"take", "put", "put_"}
 _WRITES = {"__setitem__", "index_put", "scatter", "scatter_add", "scatter_reduce", "index_add", "index_copy",
            "index_reduce"}
 
+_CHECKED = {*_ALONG, *_MATRIX, *_INDEXED, *_FLATTENING, *_WRITES, "msort", "flipud", "flip", "roll", "layer_norm",
+            "__getitem__", "__setitem__", "index_put"}
+
 _FIX = ("Keep the op within each example (a dim other than the batch's), make its result a constant (.detach()), or "
         "use method='backprop' for this model.")
 
@@ -116,9 +119,9 @@ def refuse_row_mixing(func: Any, args: tuple, kwargs: dict, rows_of: Callable[[A
             that is not the batch's.
         k: ``num_guesses`` (for the message).
     """
-    if not args:
-        return
     name = _name(func)
+    if not args or (name not in _CHECKED and name.removeprefix("linalg_") not in _MATRIX):
+        return  # most ops: one set lookup
     writes = name in _WRITES
     target = args[0]
     rows = rows_of(target) if isinstance(target, Tensor) else None
