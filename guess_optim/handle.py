@@ -24,6 +24,7 @@ from .graph_cache import GraphCache
 from .layout import Layout
 from .nonfinite import NonFinitePolicy
 from .records import Record
+from .rowwise import refuse_batch_norm
 from .step import GuessingStep
 
 __all__ = ["ATTR", "GuessHandle"]
@@ -95,6 +96,7 @@ class GuessHandle:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._hooks: list[Any] = []
         self._step: GuessingStep | None = None
+        self._opening = False  # while a step opens (graph discovery runs the model)
         self._internal = 0  # > 0 while the engine itself calls modules (discovery, local VJPs, replays)
         self._paused = False
         self._removed = False
@@ -121,6 +123,9 @@ class GuessHandle:
     def _install(self) -> None:
         add, model = self._hooks.append, self.model
         add(model.register_forward_pre_hook(self._on_root_pre, with_kwargs=True))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                add(m.register_forward_pre_hook(self._on_batchnorm_pre, prepend=True))
         for m in self.layout.product_modules:
             # prepended: the output's tangent must be in place before the guess-point hook reads it
             add(m.register_forward_pre_hook(self._on_product_pre))
@@ -280,13 +285,28 @@ class GuessHandle:
             return None
         _refuse_compiled(self.model)
         try:
+            self._opening = True
             self._step, args, kwargs = GuessingStep.open(self, args, kwargs)
         except Exception as error:
             if self.num_guesses > 1:
                 error.add_note(_REPEATED_BATCH_NOTE.format(k=self.num_guesses))
                 error._guess_optim_noted = True
             raise
+        finally:
+            self._opening = False
         return args, kwargs
+
+    def _on_batchnorm_pre(self, module: nn.Module, args: tuple) -> None:
+        """A BatchNorm that normalizes with the batch's statistics (training mode, or no running statistics), called
+        while guessing (also by graph discovery and the engine's own VJPs): refused before it runs, so its running
+        statistics stay as they were. One that is defined but not called is no concern."""
+        step = self._step
+        if not (self._opening or step is not None and not step.closed) or not torch.is_grad_enabled():
+            return None
+        if module.training or (module.running_mean is None and module.running_var is None):
+            refuse_batch_norm(f"{self.names.get(module, '?')!r} ({type(module).__name__})", module.training,
+                              self.num_guesses)
+        return None
 
     def _on_product_pre(self, module: nn.Module, args: tuple) -> tuple | None:
         step = self._live()

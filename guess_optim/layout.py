@@ -40,7 +40,6 @@ class Layout:
         tracked: guess points and frozen modules of those types (what graph discovery records edges between).
         frozen_norms: frozen normalization layers, traced through like parameter-free ops (paper A.6: a prompt's
             ``Wᵀ`` guess is built from the modules that consume it, through the frozen LayerNorm).
-        batchnorms: BatchNorm layers (refused in training mode: they mix the batch).
         product_modules: Linear and zero-padded convolutions, whose tangent is computed apart from the primal.
     """
 
@@ -48,7 +47,6 @@ class Layout:
     guess_points: list[nn.Module] = field(default_factory=list)
     tracked: list[nn.Module] = field(default_factory=list)
     frozen_norms: list[nn.Module] = field(default_factory=list)
-    batchnorms: list[nn.Module] = field(default_factory=list)
     product_modules: list[nn.Module] = field(default_factory=list)
 
     @classmethod
@@ -65,8 +63,6 @@ class Layout:
                     layout.frozen_norms.append(m)
                 else:
                     layout.tracked.append(m)
-            if isinstance(m, _BATCHNORM):
-                layout.batchnorms.append(m)
         return layout
 
 

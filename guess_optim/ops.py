@@ -259,7 +259,8 @@ class GuessingMode(TorchFunctionMode):
             elif tracker.derived(t) is not None:
                 params.append(t)
         if batch_in:
-            refuse_row_mixing(func, args, kwargs, lambda t: (tracker.batch(t) or (None,))[0], step.k)
+            refuse_row_mixing(func, args, kwargs, lambda t: (tracker.batch(t) or (None,))[0], step.k,
+                              self._batchnorm_owner)
         if params and func in _EMBEDDINGS and _embedding_scales_by_frequency(func, args, kwargs):
             raise GuessingNotSupportedError(
                 "embedding with scale_grad_by_freq=True: its gradient divides by each token's count in the batch, "
@@ -292,6 +293,17 @@ class GuessingMode(TorchFunctionMode):
                 self._propagate(func, args, kwargs, out, rows, shape, False)
             return out
         return self._guess_point(func, args, kwargs, params, rows, shape)
+
+    def _batchnorm_owner(self, args: tuple, kwargs: dict) -> str | None:
+        """The module whose running statistics or affine parameters a refused ``batch_norm`` call reads: its name and
+        type, for the message."""
+        handle = self.step.handle
+        seen = {id(t) for t in (*args, *kwargs.values()) if isinstance(t, Tensor)}
+        for name, m in handle.model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and any(
+                    id(t) in seen for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))):
+                return f"{name!r} ({type(m).__name__})"
+        return None
 
     def _refuse_mixing(self, func, args, kwargs, out, batched: list) -> None:
         """An op that mixes the examples of the batch while the guesses flow through it (a value computed across the

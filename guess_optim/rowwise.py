@@ -7,8 +7,10 @@ with per-example values) does not see, because its output still has one row per 
 batch (``cumsum(0)``, ``sort(0)``), a reordering (``flip(0)``, ``roll``, ``x[torch.randperm(B)]``, manifold mixup), a
 normalization across the batch in one op (``softmax(h, 0)``, ``F.normalize(h, dim=0)``, a ``layer_norm`` whose
 normalized dims include the batch's), a matrix function of a matrix that has the batch among its two last dims
-(``torch.linalg.qr(h)``). Each example's estimate would carry the others' guesses: a wrong average, with no error
-(with ``num_guesses=K`` the batch is repeated ``K`` times and the rows of different guesses mix too).
+(``torch.linalg.qr(h)``), a ``batch_norm`` that normalizes with the batch's statistics (a BatchNorm of any kind in
+training mode, or with ``track_running_stats=False``: called, not merely defined; BatchNorm modules are refused
+before they run by the handle's pre-hook). Each example's estimate would carry the others' guesses: a wrong average,
+with no error (with ``num_guesses=K`` the batch is repeated ``K`` times and the rows of different guesses mix too).
 
 :func:`refuse_row_mixing` refuses those ops, naming the op and the fix. An index that maps every row onto itself
 (``x[torch.arange(B)]``, ``logits[torch.arange(B), lengths]``) passes.
@@ -25,7 +27,7 @@ from torch import Tensor
 from .contexts import primal
 from .errors import GuessingNotSupportedError
 
-__all__ = ["refuse_row_mixing"]
+__all__ = ["refuse_batch_norm", "refuse_row_mixing"]
 
 # ops that move values along one dim of their first input: (index of dim in args, its keyword, default)
 _ALONG = {
@@ -48,7 +50,7 @@ _WRITES = {"__setitem__", "index_put", "scatter", "scatter_add", "scatter_reduce
            "index_reduce"}
 
 _CHECKED = {*_ALONG, *_MATRIX, *_INDEXED, *_FLATTENING, *_WRITES, "msort", "flipud", "flip", "roll", "layer_norm",
-            "__getitem__", "__setitem__", "index_put"}
+            "batch_norm", "__getitem__", "__setitem__", "index_put"}
 
 _FIX = ("Keep the op within each example (a dim other than the batch's), make its result a constant (.detach()), or "
         "use method='backprop' for this model.")
@@ -109,7 +111,34 @@ def _item_at(index: Any, dim: int, ndim: int) -> Any:
     return None
 
 
-def refuse_row_mixing(func: Any, args: tuple, kwargs: dict, rows_of: Callable[[Any], Any], k: int) -> None:
+def _batch_statistics(func: Any, args: tuple, kwargs: dict) -> tuple[bool, bool]:
+    """``(training, running statistics given)`` of a ``batch_norm`` call (``F.batch_norm`` or ``torch.batch_norm``,
+    whose running mean sit at different positions)."""
+    functional = func is torch.nn.functional.batch_norm
+    at = 1 if functional else 3
+    running = kwargs.get("running_mean", args[at] if len(args) > at else None)
+    training = kwargs.get("training", args[5] if len(args) > 5 else False)
+    return bool(training), running is not None
+
+
+def refuse_batch_norm(owner: str | None, training: bool, k: int) -> None:
+    """Raise :class:`~guess_optim.errors.GuessingNotSupportedError` for a BatchNorm (``owner``: its name, or ``None``
+    for a bare ``batch_norm`` call) that normalizes with the batch's statistics."""
+    who = f"the BatchNorm {owner}" if owner else "a batch_norm"
+    why = ("is in training mode" if training else
+           "has track_running_stats=False, so it normalizes with the batch's statistics even in eval mode")
+    repeated = f" (with num_guesses={k}, the rows of different guesses too)" if k > 1 else ""
+    error = GuessingNotSupportedError(
+        f"{who} {why}: it mixes the examples of a batch{repeated}, which breaks the per-example directional "
+        "derivatives of guessed gradients (frozen or not): the average estimate would be wrong. Put it in eval mode "
+        "(bn.eval(), with track_running_stats=True), or use GroupNorm/LayerNorm instead."
+    )
+    error._guess_optim_noted = True
+    raise error
+
+
+def refuse_row_mixing(func: Any, args: tuple, kwargs: dict, rows_of: Callable[[Any], Any], k: int,
+                      owner: Callable[[tuple, dict], str | None] | None = None) -> None:
     """Raise :class:`~guess_optim.errors.GuessingNotSupportedError` if ``func`` moves values between the examples' rows
     along the batch dim (module docstring).
 
@@ -118,6 +147,8 @@ def refuse_row_mixing(func: Any, args: tuple, kwargs: dict, rows_of: Callable[[A
         rows_of: where the batch's rows are in a tensor (a :class:`~guess_optim.ops.Rows`), ``None`` for a tensor
             that is not the batch's.
         k: ``num_guesses`` (for the message).
+        owner: names the module of a refused ``batch_norm`` call (its arguments → e.g. ``"'block.bn2'
+            (BatchNorm2d)"``), for the message.
     """
     name = _name(func)
     if not args or (name not in _CHECKED and name.removeprefix("linalg_") not in _MATRIX):
@@ -141,6 +172,10 @@ def refuse_row_mixing(func: Any, args: tuple, kwargs: dict, rows_of: Callable[[A
             dim = 0 if ndim in (0, 1, 3) else 1
         if isinstance(dim, int) and dim % ndim == bdim:
             _refuse(func, "scans, sorts or normalizes the rows", k)
+    elif name == "batch_norm":  # statistics over every dim but the channels' (dim 1)
+        training, running = _batch_statistics(func, args, kwargs)
+        if bdim != 1 and (training or not running):
+            refuse_batch_norm(owner(args, kwargs) if owner is not None else None, training, k)
     elif name == "layer_norm":
         shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape", ())
         if bdim >= ndim - len(shape if isinstance(shape, (list, tuple, torch.Size)) else (shape,)):

@@ -113,7 +113,7 @@ class GuessingStep:
         times along dim 0 when ``num_guesses=K``; inputs that require grad become guess points).
 
         Raises:
-            RuntimeError: a BatchNorm in training mode, or a forward-AD level already open.
+            RuntimeError: a forward-AD level already open.
             ValueError: no batch-shaped input, or inputs and parameters on different device types.
         """
         batch, args, kwargs, needing_grad = _batch_inputs(handle, args, kwargs)
@@ -503,20 +503,6 @@ def _batch_inputs(handle: GuessHandle, args: tuple, kwargs: dict) -> tuple[int, 
         ``(B, args, kwargs, needing_grad)``; ``needing_grad`` maps the position of each input that requires grad (in
         the flattened ``(args, kwargs)``) to the user's tensor (it is detached here and guessed as a guess point).
     """
-    for bn in handle.layout.batchnorms:
-        if not bn.training and not bn.track_running_stats:
-            raise RuntimeError(
-                f"{type(bn).__name__} {handle.names[bn]!r} has track_running_stats=False, so it normalizes with the "
-                "batch's statistics even in eval mode: it mixes the examples of a batch, which breaks the per-example "
-                "directional derivatives of guessed gradients. Use track_running_stats=True (and eval mode), or "
-                "GroupNorm/LayerNorm instead."
-            )
-        if bn.training:
-            raise RuntimeError(
-                f"{type(bn).__name__} {handle.names[bn]!r} is in training mode: it mixes the examples of a "
-                "batch, which breaks the per-example directional derivatives of guessed gradients (frozen or "
-                "not). Put it in eval mode (bn.eval()) or use GroupNorm/LayerNorm instead."
-            )
     leaves, spec = tree_flatten((args, kwargs))
     shaped = [t for t in leaves if isinstance(t, Tensor) and t.dim() > 0]
     if not shaped:

@@ -620,6 +620,51 @@ def test_indexing_that_keeps_each_row_with_many_guesses(kind):
     check(model, lambda m: F.cross_entropy(m(x), y), "activation")
 
 
+class _BatchStats(nn.Module):
+    """A batch normalization between two layers, as a module of any kind or a bare ``F.batch_norm``; ``"unused"``: a
+    training-mode BatchNorm that is defined but not called."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.l1, self.l2, self.kind = nn.Linear(5, 6), nn.Linear(6, 3), kind
+        self.bn = {"bn1d": lambda: nn.BatchNorm1d(6), "lazy": lambda: nn.LazyBatchNorm1d(),
+                   "bn3d": lambda: nn.BatchNorm3d(6), "unused": lambda: nn.BatchNorm1d(6)}.get(kind, nn.Identity)()
+        self.register_buffer("mean", torch.zeros(6))
+        self.register_buffer("var", torch.ones(6))
+
+    def forward(self, x):
+        h = self.l1(x)
+        if self.kind == "functional":
+            h = F.batch_norm(h, self.mean, self.var, training=True)
+        elif self.kind == "bn3d":
+            h = self.bn(h[:, :, None, None, None]).flatten(1)
+        elif self.kind != "unused":
+            h = self.bn(h)
+        return self.l2(torch.tanh(h))
+
+
+@pytest.mark.parametrize("method", ["activation", "wt"])
+@pytest.mark.parametrize("kind", ["bn1d", "lazy", "bn3d", "functional"])
+def test_batch_norm_of_any_kind_in_training_mode_is_refused_before_it_runs(kind, method):
+    """Every BatchNorm that normalizes with the batch's statistics is refused when it is called, naming it, before it
+    changes its running statistics (BatchNorm3d, lazy ones and a bare ``F.batch_norm(training=True)`` used to pass:
+    a silently wrong average)."""
+    model, (x, y) = _BatchStats(kind), data(batch=4)
+    model(x)  # materializes the lazy one
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    name = "a batch_norm" if kind == "functional" else "'bn'"
+    with attach(model, method, seed=0), pytest.raises(GuessingNotSupportedError, match=f"{name}.*training mode"):
+        F.cross_entropy(model(x), y).backward()
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
+
+
+def test_a_batchnorm_in_training_mode_that_is_not_called_is_no_concern():
+    """Refused when called, not when merely defined (a model's unused branch, a head kept for later)."""
+    model, (x, y) = _BatchStats("unused"), data(batch=4)
+    check(model, lambda m: F.cross_entropy(m(x), y), "activation")
+
+
 def test_a_memory_bank_of_another_size_is_fine():
     model = _Centered("memory").train()
     x, y = data(batch=5)
