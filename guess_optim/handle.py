@@ -416,7 +416,8 @@ def _refuse_lost(step: GuessingStep) -> None:
 
 def _refuse_compiled(model: nn.Module) -> None:
     """``torch.compile`` traces the forward into a graph that forward-mode tangents do not pass through: the estimates
-    would be zeros. Refuse it, whether the whole model or a submodule was compiled, before or after ``attach``."""
+    would be zeros. Refuse it, whether the whole model or a submodule was compiled, before or after ``attach``; and
+    module backward hooks, which would never run (no gradient flows backward through the modules)."""
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_filename.endswith(_DYNAMO_EVAL_FRAME):
@@ -426,7 +427,24 @@ def _refuse_compiled(model: nn.Module) -> None:
                 "guessed gradients, or use method='backprop'"
             )
         frame = frame.f_back
+    from torch.nn.modules import module as _module
+
+    if _module._global_backward_hooks or _module._global_backward_pre_hooks:
+        raise GuessingNotSupportedError(
+            "a global module backward hook is registered (torch.nn.modules.module.register_module_full_backward_hook "
+            "or ..._pre_hook): no gradient flows backward through the modules while guessing, so it would never run "
+            "(nor change the estimate). Remove it while training with guessed gradients, or use method='backprop'; "
+            "parameter hooks (p.register_hook, p.register_post_accumulate_grad_hook) do run on the estimates"
+        )
     for name, m in model.named_modules():
+        if m._backward_hooks or m._backward_pre_hooks:
+            raise GuessingNotSupportedError(
+                f"module {name or type(m).__name__!r} has a backward hook (register_full_backward_hook / "
+                "register_full_backward_pre_hook): no gradient flows backward through the modules while guessing, so "
+                "it would never run (nor change the estimate). Remove it while training with guessed gradients (run "
+                "it under handle.paused() for exact steps), or use method='backprop'; parameter hooks "
+                "(p.register_hook, p.register_post_accumulate_grad_hook) do run on the estimates"
+            )
         if isinstance(m, torch.jit.ScriptModule):
             raise GuessingNotSupportedError(
                 f"submodule {name!r} is a TorchScript module (torch.jit.script / trace), which runs outside Python's "

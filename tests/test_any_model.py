@@ -666,6 +666,7 @@ def test_a_batchnorm_in_training_mode_that_is_not_called_is_no_concern():
 
 
 def test_a_memory_bank_of_another_size_is_fine():
+    torch.manual_seed(0)  # the model and the bank: not the preceding tests' RNG state
     model = _Centered("memory").train()
     x, y = data(batch=5)
     mem = torch.randn(7, 5)

@@ -330,3 +330,35 @@ def test_deep_copy_of_an_attached_model_can_be_detached():
     handle_of(clone).remove()
     assert handle_of(clone) is None
     attach(clone, "activation").remove()
+
+
+@pytest.mark.parametrize("kind", ["full", "pre", "global"])
+def test_module_backward_hooks_are_refused_and_parameter_hooks_run(kind):
+    """No gradient flows backward through the modules while guessing: a module backward hook would never run (a hook
+    that changes gradients would silently not change the estimate). Refused, naming the module; parameter hooks run
+    on the estimates."""
+    torch.manual_seed(0)
+    model, x = mlp(), torch.randn(4, 4)
+    if kind == "global":
+        hook = torch.nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None)
+    elif kind == "full":
+        hook = model[2].register_full_backward_hook(lambda m, gi, go: None)
+    else:
+        hook = model[2].register_full_backward_pre_hook(lambda m, go: None)
+    try:
+        with attach(model, "activation", seed=0), pytest.raises(GuessingNotSupportedError,
+                                                                match="backward hook.*never run"):
+            model(x)
+        assert fwAD._current_level == -1
+    finally:
+        hook.remove()
+    with attach(model, "activation", seed=0):
+        model(x).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for p in model.parameters():
+        p.register_hook(lambda g: 2 * g)
+    with attach(model, "activation", seed=0):
+        model(x).sum().backward()
+    for p, g in zip(model.parameters(), plain, strict=True):
+        torch.testing.assert_close(p.grad, 2 * g)
