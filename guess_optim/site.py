@@ -41,7 +41,7 @@ class Site:
 
     def __init__(self, output: Tensor, generator: torch.Generator, num_guesses: int, module: nn.Module, name: str,
                  edges: list[Edge], graph: Graph | None, internal: Callable[[], AbstractContextManager],
-                 streamed: bool = False):
+                 streamed: bool = False, layout: Callable[[Tensor], Tensor] | None = None):
         self.output = output
         self.generator = generator
         self.num_guesses = num_guesses
@@ -51,6 +51,9 @@ class Site:
         self._graph = graph
         self._internal = internal
         self._streamed = streamed  # keep one edge's replayed values alive at a time (Step.draw_guess says when)
+        # [N, *S] rows -> the output's own layout, where the chains were recorded (a batch on dim 1: the sequence-
+        # first tensors inside nn.MultiheadAttention); differentiable, so pullbacks come back one row per example
+        self._layout = layout if layout is not None else (lambda t: t)
         self.read: set[int] = set()
 
     @property
@@ -155,6 +158,7 @@ class Site:
         not needed for a VJP)."""
         out, lifts = [], []
         memo: dict[int, Tensor] = {}  # the edges' chains share their prefixes (a residual stream)
+        s = self._layout(s)
         for edge in self.edges:
             x = edge.chain(s, memo)
             if target != "post":
@@ -222,7 +226,7 @@ class Site:
             elif id(e.chain) not in spans:
                 leaf = primal.detach().requires_grad_(True)
                 with self._internal(), own_autograd():
-                    spans[id(e.chain)] = _dependent_span(e.chain(leaf, {}), leaf)
+                    spans[id(e.chain)] = _dependent_span(e.chain(self._layout(leaf), {}), leaf)
         targets = []
         for e, w in zip(edges, lifts, strict=True):
             shape, span = list(e.shape[:-1]), spans[id(e.chain)]
@@ -242,7 +246,7 @@ class Site:
                     i += 1
                 leaf = primal.detach().requires_grad_(True)
                 with self._internal(), own_autograd():
-                    x = chain(leaf, {})
+                    x = chain(self._layout(leaf), {})
                     span = spans[id(chain)]
                     if span is not None:
                         full = summed.new_zeros(x.shape)

@@ -26,6 +26,7 @@ mode runs the forward again (same generator and RNG states) and each guess point
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,7 @@ from .estimators import Directional
 from .graph import Graph, GraphError, op_key
 from .guesses import isotropic_guess, zero_padding
 from .local_grad import product_tangent, weight_space_jvp
-from .ops import GuessingMode, Rows, Tracker, from_rows, to_rows
+from .ops import ROWS, GuessingMode, Rows, Tracker, from_rows, to_rows
 from .prompts import PromptTokens
 from .records import ActivationRecord, ExactHeadRecord, InputRecord, Record, WeightRecord
 from .release import GradientRelease
@@ -217,8 +218,9 @@ class GuessingStep:
         # One edge's replayed values alive at a time when the graph holds captured activations (a residual stream:
         # a prompt's or an early layer's edges reach every later block) or nothing is kept: compute for memory.
         streamed = handle.store == "recompute" or self.graph_uses is not None
+        layout = None if rows == ROWS else functools.partial(from_rows, rows=rows, shape=output.shape)
         site = Site(value, handle.generator(value.device), self.k, module, name, edges or [], self.graph,
-                    handle.internal, streamed=streamed)
+                    handle.internal, streamed=streamed, layout=layout)
         guess = self.estimator.guess(site)
         release = self.release
         if release is not None and handle.store == "recompute" and site.read:

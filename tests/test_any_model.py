@@ -18,6 +18,7 @@ from torch.nn.utils import parametrizations
 from unbiased import averaged, backprop, compare
 
 from guess_optim import GuessingNotSupportedError, attach
+from guess_optim.graph import GraphError
 
 
 @pytest.fixture(autouse=True)
@@ -449,6 +450,49 @@ def test_sequence_first_attention_fed_transposed_tensors_is_estimated(method):
     g = torch.Generator().manual_seed(4)
     x, target = torch.randn(3, 4, 4, generator=g), torch.randn(3, 4, 4, generator=g)
     check(model, lambda m: (m(x) - target).pow(2).sum(), method)
+
+
+class _Transposed(nn.Module):
+    """``c``'s weight applied to ``hᵀ`` (an op-level guess point whose rows are on dim 1), or the same map with the
+    batch on dim 0."""
+
+    def __init__(self, transposed: bool):
+        super().__init__()
+        self.a, self.c, self.b, self.transposed = nn.Linear(5, 8), nn.Linear(8, 7), nn.Linear(7, 3), transposed
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        z = (self.c.weight @ h.t()).t() if self.transposed else F.linear(h, self.c.weight)
+        return self.b(torch.relu(z + self.c.bias))
+
+
+def test_structured_guess_at_a_guess_point_whose_batch_is_on_dim_1():
+    """A guess point whose rows are on dim 1 (``W @ hᵀ``; the sequence-first tensors inside every
+    ``nn.MultiheadAttention``) replays its chains in its own layout: ``wt`` used to fail with a raw shape error
+    (every ``nn.TransformerEncoderLayer``). Its guesses have the law of the batch-on-dim-0 model's: the two average
+    estimates agree."""
+    torch.manual_seed(0)
+    plain, transposed = _Transposed(False), _Transposed(True)
+    transposed.load_state_dict(plain.state_dict())
+    x, y = data(batch=6)
+    run = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    ref = averaged(plain, run, method="wt", guesses=40000, per_step=4000)
+    compare(averaged(transposed, run, method="wt", guesses=40000, per_step=4000), ref, cosine=0.99,
+            ratio=(0.9, 1.1))
+    with attach(transposed, "mixing", seed=0), pytest.raises(GraphError, match="dim 0 is not the batch"):
+        run(transposed).backward()
+
+
+@pytest.mark.parametrize("store", ["activations", "recompute"])
+@pytest.mark.parametrize("method", ["wt", "mixing", "downstream"])
+def test_structured_guesses_on_a_transformer_encoder_layer(method, store):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Flatten(),
+                          nn.Linear(40, 3))
+    x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    with attach(model, method, seed=0, store=store):
+        F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------- one layer

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from ..graph import GraphError
 from ..guesses import isotropic_guess, mixing_guess
 from .base import Estimator, register_estimator
 
@@ -37,4 +38,13 @@ class Mixing(Estimator):
         if not site.has_next:
             return isotropic_guess(site.output, site.generator)
         targets, pullback = site.post_activations()
+        n = site.output.shape[0]
+        moved = next((t for t in targets if t.dim() == 0 or t.shape[0] % n), None)
+        if moved is not None:
+            raise GraphError(
+                f"mixing at {site.name!r}: the post-activation feeding a next module has shape {tuple(moved.shape)}, "
+                f"whose dim 0 is not the batch's {n} rows (an op between moved it, e.g. h.t() or a sequence-first "
+                "transpose): mixing combines the examples' post-activations row by row. Use method='wt' or "
+                "'activation' for this model, or keep the batch on dim 0 up to the next module."
+            )
         return mixing_guess(targets, pullback, site.generator, site.num_guesses)
