@@ -321,7 +321,7 @@ class _Tracer(TorchFunctionMode):
             return out
         if sources and self.graph is not None:  # where parameters meet the batch: an op-level guess point
             return self._op_node(func, args, kwargs, leaves, followed, sources)
-        if not followed:
+        if not followed or _constant_of(func):  # h.detach(), zeros_like(h): no path back to the guess point
             return func(*args, **kwargs)
         replay_func, replay_kwargs, inplace = out_of_place(func, kwargs)
         replay_args, replay_kwargs = _without_running_stat_updates(func, args, replay_kwargs)
@@ -355,6 +355,12 @@ class _Tracer(TorchFunctionMode):
                 self.track(o, {origin: Chain(((pick, (_Sub(chain),), {}),), chain.volatile)
                                for origin, chain in merged.items()})
         return out
+
+
+def _constant_of(func: Any) -> bool:
+    """Ops whose output is a constant of the followed tensor (no derivative flows through them, as in backprop)."""
+    name = getattr(func, "__name__", "")
+    return "detach" in name or name.startswith("new_") or name.endswith("_like")
 
 
 _STAT_UPDATERS = {  # func: (running_mean index, running_var index, flag index, flag name, flag default)

@@ -342,9 +342,9 @@ class GuessingMode(TorchFunctionMode):
                     f"{_name(func)!r} makes a complex-valued tensor of the guessed activations: guessed gradients do "
                     "not support complex values (the estimate would be noise). Use method='backprop' for this model"
                 )
-            tracker.mark(o, tracker.out_rows(func, args, kwargs, rows, shape, o), hot)
-            if hot and o.is_floating_point() and fwAD.unpack_dual(o).tangent is None and not (
-                    _drops_tangent_on_purpose(func)):
+            on_purpose = _drops_tangent_on_purpose(func)  # h.detach(): a constant, no longer carrying guesses
+            tracker.mark(o, tracker.out_rows(func, args, kwargs, rows, shape, o), hot and not on_purpose)
+            if hot and o.is_floating_point() and fwAD.unpack_dual(o).tangent is None and not on_purpose:
                 raise GuessingNotSupportedError(
                     f"{_name(func)!r} dropped the tangent of its input: its forward-mode AD formula returns none "
                     "(a PyTorch limitation, e.g. scatter_reduce(reduce='prod')), so every guess before it would be "

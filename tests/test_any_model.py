@@ -495,6 +495,31 @@ def test_structured_guesses_on_a_transformer_encoder_layer(method, store):
     assert all(p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+class _DetachedBranch(nn.Module):
+    """A layer applied to a detached activation (a stop-gradient branch): its own parameters still get a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.tanh(self.c(h.detach())) + h)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_layer_on_a_detached_activation(method):
+    """Used to be refused ('linear' dropped the tangent) and, for wt/mixing, a raw autograd error."""
+    torch.manual_seed(0)
+    model, (x, y) = _DetachedBranch(), data(batch=4)
+    check(model, lambda m: F.cross_entropy(m(x), y), method)
+    for structured in ("wt", "mixing"):
+        model.zero_grad()
+        with attach(model, structured, seed=0):
+            F.cross_entropy(model(x), y).backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 # --------------------------------------------------------------------------------------------- one layer
 @pytest.mark.parametrize("method", ["directional", "activation", "wt"])
 def test_a_single_layer_model(method):
