@@ -189,12 +189,14 @@ class Graph:
         names: ``module → qualified name`` in the model, for messages.
         calls: ``module → number of calls`` in the traced forward.
         op_nodes: ``(op_key, occurrence) → OpNode``: the op-level guess points that read a followed tensor.
+        signature: the input signature it was discovered for (set by :class:`~guess_optim.graph_cache.GraphCache`).
     """
 
     edges: dict[Any, list[Edge]] = field(default_factory=dict)
     names: dict[Any, str] = field(default_factory=dict)
     calls: dict[Any, int] = field(default_factory=dict)
     op_nodes: dict[tuple, OpNode] = field(default_factory=dict)
+    signature: tuple | None = None  # the input signature it was discovered for (GraphCache)
 
     @property
     def volatile(self) -> bool:

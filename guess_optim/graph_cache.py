@@ -37,6 +37,7 @@ class GraphCache:
         self.internal = internal
         self.max_size = max_size
         self._graphs: dict[tuple, Graph] = {}
+        self._dynamic: set[tuple] = set()  # signatures whose control flow changed: discovered on every step
 
     def get(self, args: tuple, kwargs: dict, trainable: list[Tensor] | None = None) -> Graph:
         """The graph of the model's forward on these inputs: cached, or discovered by one traced forward run with the
@@ -53,6 +54,7 @@ class GraphCache:
         graph = self._graphs.get(key)
         if graph is not None:
             return graph
+        dynamic = key in self._dynamic
         model = self.model
         if trainable is None:
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -66,7 +68,8 @@ class GraphCache:
             with torch.no_grad():
                 for b, saved in zip(model.buffers(), buffers, strict=True):
                     b.copy_(saved)
-        if not graph.volatile:  # a volatile graph holds this batch's activations: rediscover every step
+        graph.signature = key
+        if not graph.volatile and not dynamic:  # a volatile graph holds this batch's activations: rediscover
             if len(self._graphs) >= self.max_size:
                 self._graphs.pop(next(iter(self._graphs)))
             self._graphs[key] = graph
@@ -82,5 +85,23 @@ class GraphCache:
         return {m: graph.calls.get(m, 0) for m in nodes
                 if graph.next_edges(m) or (exact_head and graph.boundary_edges(m))}
 
+    def stale(self, graph: Graph, module_calls: dict[nn.Module, int]) -> str | None:
+        """Whether a cached ``graph`` no longer describes the forward that just used it: a guess point called a
+        different number of times (control flow that depends on more than the input signature: a layer skipped,
+        LayerDrop, early exit). Then the signature is discovered again on every step from now on, and the returned
+        text says which module changed (``None``: the graph still holds)."""
+        key = getattr(graph, "signature", None)
+        if key is None or self._graphs.get(key) is not graph:
+            return None
+        for m, n in module_calls.items():
+            if graph.calls.get(m, 0) != n:
+                break
+        else:
+            return None
+        self._graphs.pop(key)
+        self._dynamic.add(key)
+        return f"{graph.names.get(m, '?')!r} was called {n} time(s), {graph.calls.get(m, 0)} when the graph was found"
+
     def clear(self) -> None:
         self._graphs.clear()
+        self._dynamic.clear()

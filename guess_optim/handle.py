@@ -11,12 +11,14 @@ import gc
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .contexts import user_stacklevel
 from .errors import GuessingNotSupportedError
 from .estimators import Estimator
 from .graph import Graph
@@ -83,6 +85,7 @@ class GuessHandle:
         self.raw_parameters = raw_parameters
         self.combine = combine
         self.gradient_release = gradient_release
+        self._warned_stale = False  # the one warning that a cached graph went stale (control flow changed)
         self._warned_release = False  # the one warning that no hook consumed a released estimate
         self._release: Any = None  # weakref to the last step's GradientRelease (gradient_release)
         self.layout = Layout.of(model)
@@ -368,10 +371,27 @@ class GuessHandle:
                 with self.internal():
                     output = step.collect(output, "of the model", primary=self.head is self.model)
                 _refuse_lost(step)
+                self._check_graph(step)
                 return output
         finally:
             self._close_step()
         return None
+
+    def _check_graph(self, step: GuessingStep) -> None:
+        """A cached graph that no longer matches the forward (its control flow changed at the same input signature)
+        is discovered again on every step from now on; this step's structured guesses used the old one: warned once.
+        """
+        graph = step.cached_graph
+        if graph is None:
+            return
+        changed = self.graphs.stale(graph, {m: step.module_calls.get(m, 0) for m in self.guess_points})
+        if changed is not None and not self._warned_stale:
+            self._warned_stale = True
+            warnings.warn(
+                f"guess_optim: the model's control flow changed at the same input shapes ({changed}): this step's "
+                f"{self.estimator.name!r} guesses were built from the graph of an earlier forward (still a valid "
+                "biased guess, but not the next layers this forward used). The graph is now discovered on every step "
+                "for these inputs (one extra forward per step).", stacklevel=user_stacklevel())
 
     def _close_step(self) -> bool:
         """Close the current step; whether it was still open (its boundary never ran)."""

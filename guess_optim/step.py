@@ -83,6 +83,7 @@ class GuessingStep:
         self.k = handle.num_guesses
         self.batch, self.rows = batch, batch * handle.num_guesses
         self.graph = graph
+        self.cached_graph = graph if graph is not None and not graph.volatile else None  # checked after the forward
         self.graph_uses = handle.graphs.uses(graph, handle.guess_points, handle.exact_head)
         self.trainable = trainable
         self.weight_space_ops = self.estimator.space == "weight" or handle.raw_parameters == "directional"
@@ -92,6 +93,7 @@ class GuessingStep:
         self.tracker = Tracker(self.rows)
         self.fast_active: dict[int, int] = {}  # parameters of fast-path modules being called
         self.fast_calls: list[bool] = []
+        self.module_calls: dict[nn.Module, int] = {}  # calls of each fast-path guess point (a cached graph's check)
         self.op_counts: dict[tuple, int] = {}  # occurrences of each op-level guess point (graph.op_nodes' keys)
         self.records: list[Record] = []
         self.params: dict[int, Tensor] = {}  # what the step may estimate: trainable parameters, inputs needing grad
@@ -244,6 +246,7 @@ class GuessingStep:
         """Pre-hook of a fast-path module: a guess point if it reads the batch (``PromptTokens`` always); else its
         parameters are read by parameter-only ops (position embeddings of ``(1, L)`` ids, a prompt embedded once)."""
         tracker = self.tracker
+        self.module_calls[module] = self.module_calls.get(module, 0) + 1
         guess = isinstance(module, PromptTokens) or any(
             tracker.batch(a) is not None or fwAD.unpack_dual(a).tangent is not None
             # an op the mode does not see (a custom autograd Function) may hide where a tensor came from: rows
