@@ -342,7 +342,9 @@ class GuessingMode(TorchFunctionMode):
                     f"{_name(func)!r} makes a complex-valued tensor of the guessed activations: guessed gradients do "
                     "not support complex values (the estimate would be noise). Use method='backprop' for this model"
                 )
-            on_purpose = _drops_tangent_on_purpose(func)  # h.detach(): a constant, no longer carrying guesses
+            # h.detach(): a constant, no longer carrying guesses; inside a custom autograd.Function's forward
+            # (forward-mode AD off there), its jvp gives the output's tangent
+            on_purpose = _drops_tangent_on_purpose(func) or not torch._C._is_fwd_grad_enabled()
             tracker.mark(o, tracker.out_rows(func, args, kwargs, rows, shape, o), hot and not on_purpose)
             if hot and o.is_floating_point() and fwAD.unpack_dual(o).tangent is None and not on_purpose:
                 raise GuessingNotSupportedError(

@@ -559,6 +559,44 @@ def test_a_graph_whose_control_flow_changed_is_discovered_again():
         F.cross_entropy(model(x), y).backward()
 
 
+class _Cube(torch.autograd.Function):
+    """``a³`` made of ``mul`` inside, with its own ``jvp`` (forward-mode AD is off inside a Function's forward)."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_forward(a)
+        ctx.save_for_backward(a)
+        return a * a * a
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return 3 * g * a * a
+
+    @staticmethod
+    def jvp(ctx, t):
+        (a,) = ctx.saved_tensors
+        return 3 * t * a * a
+
+
+class _WithCube(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(_Cube.apply(torch.tanh(self.a(x))))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_custom_autograd_function_with_a_jvp(method):
+    """Used to be refused: the ops inside its forward (where forward-mode AD is off) were taken for ops dropping
+    the tangent."""
+    torch.manual_seed(0)
+    model, (x, y) = _WithCube(), data(batch=4)
+    check(model, lambda m: F.cross_entropy(m(x), y), method)
+
+
 # --------------------------------------------------------------------------------------------- one layer
 @pytest.mark.parametrize("method", ["directional", "activation", "wt"])
 def test_a_single_layer_model(method):
