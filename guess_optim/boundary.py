@@ -50,8 +50,8 @@ class GuessedGradient(torch.autograd.Function):
     """Identity on one output of the guessing region; its backward keeps ``∂L/∂z`` for the step."""
 
     @staticmethod
-    def forward(ctx, step, index, z, anchor):  # noqa: D401
-        ctx.step, ctx.index = step, index
+    def forward(ctx, step, index, z, anchor, dim=0):  # noqa: D401
+        ctx.step, ctx.index, ctx.dim = step, index, dim
         return z.view_as(z)
 
     @staticmethod
@@ -63,9 +63,9 @@ class GuessedGradient(torch.autograd.Function):
                 "input-gradient regularisation). Guessed gradients give first derivatives of the loss only: compute "
                 "this loss with exact gradients (method='backprop', or under handle.paused())."
             )
-        if ctx.step is not None:
-            ctx.step.grad_z[ctx.index] = grad_z
-        return None, None, None, grad_z.new_zeros(())
+        if ctx.step is not None:  # one row per example on dim 0, as the step keeps the output's tangent
+            ctx.step.grad_z[ctx.index] = grad_z.movedim(ctx.dim, 0) if ctx.dim else grad_z
+        return None, None, None, grad_z.new_zeros(()), None
 
 
 def collect(step: GuessingStep, output: Any, where: str, primary: bool) -> Any:
@@ -75,8 +75,10 @@ def collect(step: GuessingStep, output: Any, where: str, primary: bool) -> Any:
     without a tangent: ``∂L/∂z`` of the logits is what ``exact_head`` differentiates.
 
     Raises:
-        GuessingNotSupportedError: a tensor that depends on the guesses but has no batch dim 0 (a loss computed inside
-            ``forward`` from the guessed activations: the per-example directional derivatives cannot be formed).
+        GuessingNotSupportedError: a tensor that depends on the guesses but has no batch dim (a loss computed inside
+            ``forward`` from the guessed activations: the per-example directional derivatives cannot be formed). The
+            batch may be on another dim the engine followed (an RNN's final state ``(layers, B, H)``), except in the
+            head's output with ``exact_head``.
     """
     leaves, spec = tree_flatten_with_path(output)
     values = [leaf for _, leaf in leaves]
@@ -94,7 +96,12 @@ def collect(step: GuessingStep, output: Any, where: str, primary: bool) -> Any:
                 values[i] = leaf[:batch]
             continue
         entry = step.tracker.batch(leaf)
-        if leaf.dim() == 0 or (entry is not None and tuple(entry[0]) != (0, 1)) or leaf.shape[0] != rows:
+        # the batch on another known dim (an RNN's final state (layers, B, H)): moved to dim 0 for the estimate
+        dim = entry[0].dim if entry is not None and entry[0].fold == 1 and entry[0].dim else 0
+        if dim and (leaf.shape[dim] != rows or (not step.tangents and step.handle.exact_head)):
+            dim = -1
+        if leaf.dim() == 0 or dim < 0 or (entry is not None and dim == 0 and tuple(entry[0]) != (0, 1)) or (
+                leaf.shape[dim] != rows):
             name = f"{where}{keystr(path)}"
             raise GuessingNotSupportedError(
                 f"the output {name} (shape {tuple(leaf.shape)}) depends on the guesses but its dim 0 is not the batch "
@@ -103,9 +110,10 @@ def collect(step: GuessingStep, output: Any, where: str, primary: bool) -> Any:
                 "loss after it is then computed as usual), or compute the loss outside forward."
             )
         index = len(step.tangents)
-        step.tangents.append(tangent.detach())
+        step.tangents.append(tangent.detach().movedim(dim, 0) if dim else tangent.detach())
         value = value.detach()
-        values[i] = GuessedGradient.apply(step, index, value[:batch] if step.k > 1 else value, step.anchor)
+        values[i] = GuessedGradient.apply(step, index, value.narrow(dim, 0, batch) if step.k > 1 else value,
+                                          step.anchor, dim)
     return tree_unflatten(values, spec)
 
 

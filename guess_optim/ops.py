@@ -47,6 +47,7 @@ _METADATA = {Tensor.dim, Tensor.size, Tensor.numel, Tensor.__len__, Tensor.strid
              Tensor.is_contiguous, Tensor.data_ptr, Tensor.is_floating_point, Tensor.is_complex, Tensor.nelement,
              Tensor.ndimension, Tensor.get_device, Tensor.storage_offset, Tensor.untyped_storage}
 _ENGINE = {"_make_dual", "_unpack_dual"}
+_RNN_OPS = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
 _METADATA_GETTERS = {getattr(Tensor, n).__get__ for n in (
     "shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "is_leaf", "grad_fn", "grad", "layout",
     "is_sparse", "is_quantized", "is_meta", "data", "_version") if hasattr(Tensor, n)}
@@ -345,7 +346,10 @@ class GuessingMode(TorchFunctionMode):
             # h.detach(): a constant, no longer carrying guesses; inside a custom autograd.Function's forward
             # (forward-mode AD off there), its jvp gives the output's tangent
             on_purpose = _drops_tangent_on_purpose(func) or not torch._C._is_fwd_grad_enabled()
-            tracker.mark(o, tracker.out_rows(func, args, kwargs, rows, shape, o), hot and not on_purpose)
+            r = tracker.out_rows(func, args, kwargs, rows, shape, o)
+            if r.dim is None and _name(func) in _RNN_OPS and o.dim() and sum(s == self.step.rows for s in o.shape) == 1:
+                r = Rows(list(o.shape).index(self.step.rows), 1)  # an RNN's (layers, B, H) state
+            tracker.mark(o, r, hot and not on_purpose)
             if hot and o.is_floating_point() and fwAD.unpack_dual(o).tangent is None and not on_purpose:
                 raise GuessingNotSupportedError(
                     f"{_name(func)!r} dropped the tangent of its input: its forward-mode AD formula returns none "

@@ -597,6 +597,37 @@ def test_custom_autograd_function_with_a_jvp(method):
     check(model, lambda m: F.cross_entropy(m(x), y), method)
 
 
+class _ReturnsState(nn.Module):
+    """Returns the logits and the GRU's final state ``(layers, B, H)``: the batch on dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 6, num_layers=2, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, state = self.rnn(x)
+        return self.head(out[:, -1]), state
+
+
+def test_an_output_with_the_batch_on_dim_1_used_in_the_loss():
+    """The standard ``out, hn = rnn(x)`` API: a returned state ``(layers, B, H)`` used to be refused ("dim 0 is not
+    the batch"); its rows are moved to dim 0 for the directional derivatives (and cut back on dim 1 with K guesses)."""
+    torch.manual_seed(0)
+    model = _ReturnsState()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 5, 3, generator=g), torch.randint(0, 3, (4,), generator=g)
+
+    def run(m):
+        logits, state = m(x)
+        assert state.shape == (2, 4, 6)
+        return F.cross_entropy(logits, y) + state[-1].pow(2).sum(1).mean() + state[0, :, 0].sum()
+
+    check(model, run, "activation", guesses=80000)
+    with attach(model, "directional", seed=0):  # (its weight-space guesses of a GRU: too noisy to average here)
+        run(model).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 # --------------------------------------------------------------------------------------------- one layer
 @pytest.mark.parametrize("method", ["directional", "activation", "wt"])
 def test_a_single_layer_model(method):
