@@ -96,7 +96,7 @@ def _conv_weight_grads(m: nn.Module, params: dict[str, Tensor], x: Tensor, grad_
 
 
 def weight_space_jvp(module: nn.Module, inputs: tuple, stacks: dict[str, Tensor], rows: int,
-                     internal: Internal) -> Tensor:
+                     internal: Internal, dim: int = 0, out_dim: int = 0) -> Tensor:
     """The output tangent of weight perturbations ``V_j``, one per guess block of rows: the module evaluated with
     ``V_j`` in place of its parameters (and zeros for its other parameters) on block ``j`` of its inputs.
 
@@ -104,14 +104,18 @@ def weight_space_jvp(module: nn.Module, inputs: tuple, stacks: dict[str, Tensor]
         module: a guess point of a type linear in its parameters.
         inputs: its positional inputs (primals), with ``rows`` rows = ``K`` blocks of the batch.
         stacks: ``{local name: V}``, each ``[K, *param.shape]``.
-        rows: the output's dim 0. An int input equal to ``rows`` is a batch size (``PromptTokens(batch_size)``) and
-            becomes the block's size.
+        rows: the number of rows (``K`` times the batch). An int input equal to ``rows`` is a batch size
+            (``PromptTokens(batch_size)``) and becomes the block's size.
         internal: entered while the module is called here.
+        dim, out_dim: the dim of the rows in the inputs and in the output (1 for sequence-first tensors).
 
     Returns:
-        The tangent, of the output's shape ``[rows, *S]``.
+        The tangent, of the output's shape.
     """
     k = next(iter(stacks.values())).shape[0]
+    if dim or out_dim:  # the blocks along another dim: computed on rows moved to dim 0, then moved back
+        moved = tuple(a.movedim(dim, 0) if isinstance(a, Tensor) and a.dim() > dim else a for a in inputs)
+        return weight_space_jvp(module, moved, stacks, rows, internal).movedim(0, out_dim)
     if type(module) is nn.Linear and len(inputs) == 1:  # all K blocks in one batched product
         x = inputs[0]
         xk = x.reshape(k, -1, x.shape[-1])

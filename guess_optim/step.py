@@ -93,6 +93,7 @@ class GuessingStep:
         self.tracker = Tracker(self.rows)
         self.fast_active: dict[int, int] = {}  # parameters of fast-path modules being called
         self.fast_calls: list[bool] = []
+        self._input_rows_dim = 0  # where the rows are in the current fast-path guess point's input (_rows)
         self.module_calls: dict[nn.Module, int] = {}  # calls of each fast-path guess point (a cached graph's check)
         self.op_counts: dict[tuple, int] = {}  # occurrences of each op-level guess point (graph.op_nodes' keys)
         self.records: list[Record] = []
@@ -294,13 +295,15 @@ class GuessingStep:
     def _rows(self, module: nn.Module, args: tuple, out: Tensor) -> Rows:
         """Where the examples are in a fast-path module's output, from its input's (dim 0 unless moved)."""
         rows = Rows(0, 1) if out.dim() and out.shape[0] == self.rows else Rows(None, 1)
+        self._input_rows_dim = 0
         for a in args:
             entry = self.tracker.batch(a) if isinstance(a, Tensor) else None
             if entry is not None:
                 rows = self.tracker.out_rows(None, (), {}, entry[0], a.shape, out)
+                self._input_rows_dim = entry[0].dim or 0
                 break
         if rows.dim is None or out.shape[rows.dim] != self.rows * rows.fold or (rows != (0, 1) and (
-                self.estimator.space == "weight" and rows.dim != 0 or self.handle.exact_head)):
+                self.estimator.space == "weight" and rows.dim != 0 and rows.fold != 1 or self.handle.exact_head)):
             raise GuessingNotSupportedError(
                 f"guess point {self.handle.names[module]!r} returned shape {tuple(out.shape)} without the batch "
                 f"({self.rows} rows) on dim 0: guessed gradients need each example's values apart. A sequence-first "
@@ -325,7 +328,9 @@ class GuessingStep:
             stacks = {n: self._module_weight_guesses(module, n, p) for n, p in params.items()}
             record = WeightRecord(module, params, (), stacks=stacks,  # (Σ d) V needs none of the batch
                                   owned=handle._captured is None)
-            jvp = None if self.replaying else weight_space_jvp(module, inputs, stacks, out.shape[0], handle.internal)
+            # the blocks of K guesses along the rows' dim (a sequence-first tensor: dim 1)
+            jvp = None if self.replaying else weight_space_jvp(module, inputs, stacks, self.rows, handle.internal,
+                                                               dim=self._input_rows_dim, out_dim=rows.dim)
             return record, jvp
         regenerate = (self.estimator.regenerable and handle.store == "activations" and not self.replaying
                       and handle._captured is None and out.numel() * out.element_size() >= REGENERATE_MIN_BYTES)

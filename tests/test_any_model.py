@@ -628,6 +628,27 @@ def test_an_output_with_the_batch_on_dim_1_used_in_the_loss():
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
 
+class _SequenceFirstInside(nn.Module):
+    """A Linear and a LayerNorm applied to ``x.transpose(0, 1)``: fast-path guess points whose rows are on dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.norm, self.head = nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.l(x.transpose(0, 1)))).mean(0))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_path_guess_points_on_sequence_first_tensors(method):
+    """``directional`` refused them (its K guess blocks were cut along dim 0); now cut along the rows' dim."""
+    torch.manual_seed(0)
+    model = _SequenceFirstInside()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(3, 2, 4, generator=g), torch.randint(0, 3, (3,), generator=g)
+    check(model, lambda m: F.cross_entropy(m(x), y), method)
+
+
 # --------------------------------------------------------------------------------------------- one layer
 @pytest.mark.parametrize("method", ["directional", "activation", "wt"])
 def test_a_single_layer_model(method):
