@@ -116,7 +116,7 @@ def weight_space_jvp(module: nn.Module, inputs: tuple, stacks: dict[str, Tensor]
     if dim or out_dim:  # the blocks along another dim: computed on rows moved to dim 0, then moved back
         moved = tuple(a.movedim(dim, 0) if isinstance(a, Tensor) and a.dim() > dim else a for a in inputs)
         return weight_space_jvp(module, moved, stacks, rows, internal).movedim(0, out_dim)
-    if type(module) is nn.Linear and len(inputs) == 1:  # all K blocks in one batched product
+    if type(module) is nn.Linear and len(inputs) == 1 and "weight" in stacks:  # all K blocks in one batched product
         x = inputs[0]
         xk = x.reshape(k, -1, x.shape[-1])
         out = torch.bmm(xk, stacks["weight"].transpose(1, 2).to(x.dtype))

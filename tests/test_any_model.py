@@ -649,6 +649,19 @@ def test_fast_path_guess_points_on_sequence_first_tensors(method):
     check(model, lambda m: F.cross_entropy(m(x), y), method)
 
 
+@pytest.mark.parametrize("method", ["activation", pytest.param("directional", marks=pytest.mark.slow)])
+def test_a_linear_whose_weight_is_frozen_and_bias_trained(method):
+    """BitFit (and peft ``LoraConfig(bias="all")``): ``directional`` failed with a raw ``KeyError: 'weight'``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[0].weight.requires_grad_(False)
+    x, y = data(batch=4)
+    check(model, lambda m: F.cross_entropy(m(x), y), method)
+    with attach(model, "directional", seed=0, num_guesses=4):
+        F.cross_entropy(model(x), y).backward()
+    assert model[0].weight.grad is None and model[0].bias.grad.isfinite().all()
+
+
 # --------------------------------------------------------------------------------------------- one layer
 @pytest.mark.parametrize("method", ["directional", "activation", "wt"])
 def test_a_single_layer_model(method):
