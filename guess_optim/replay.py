@@ -22,14 +22,16 @@ __all__ = ["replay", "save_for_replay"]
 
 
 def save_for_replay(handle: GuessHandle, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """What the second forward needs: the inputs (values), the global RNG, the handle's generators and the buffers as
+    """What the second forward needs: the inputs (values), the global RNG, the handle's generators, the buffers as
     the forward found them (a forward that updates a buffer, e.g. an EMA or a queue, must be replayed on the values it
-    read)."""
+    read) and every module's training mode (a ``model.eval()`` before ``backward()`` must not replay without the
+    dropout masks)."""
     leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.dim() > 0]
     return {"args": tree_map(primal, args), "kwargs": tree_map(primal, kwargs),
             "rng": capture_rng(cuda_devices(leaves[:1])),
             "generators": {d: g.get_state() for d, g in handle._generators.items()},
-            "buffers": [b.detach().clone() for b in handle.model.buffers()]}
+            "buffers": [b.detach().clone() for b in handle.model.buffers()],
+            "training": [m.training for m in handle.model.modules()]}
 
 
 def replay(step: GuessingStep) -> dict[int, Tensor]:
@@ -53,6 +55,9 @@ def replay(step: GuessingStep) -> dict[int, Tensor]:
     with torch.no_grad():
         for b, value in zip(model.buffers(), saved["buffers"], strict=True):
             b.copy_(value)  # the replay reads what the forward read
+    modes = [m.training for m in model.modules()]  # the user's, now: put back after the replay
+    for m, mode in zip(model.modules(), saved["training"], strict=True):
+        m.training = mode
     try:
         # the same attention kernel as the first forward, so attention dropout draws the same masks
         with handle.generators_at(saved["generators"]), replayed_rng(saved["rng"]), \
@@ -70,6 +75,8 @@ def replay(step: GuessingStep) -> dict[int, Tensor]:
     finally:
         again.closed = True
         handle._step = None
+        for m, mode in zip(model.modules(), modes, strict=True):
+            m.training = mode
         with torch.no_grad():
             for b, value in zip(model.buffers(), buffers, strict=True):
                 b.copy_(value)

@@ -387,7 +387,11 @@ class GuessingStep:
 
     def collect(self, output: Any, where: str, primary: bool) -> Any:
         """Outputs of the guessing region that carry a tangent leave through the boundary (:mod:`.boundary`)."""
-        return output if self.replaying else collect(self, output, where, primary)
+        if self.replaying:  # as the first forward: with K guesses, the head's output cut back to the batch's rows
+            return output if self.k == 1 else tree_map(
+                lambda t: t[:self.batch] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == self.rows else t,
+                output)
+        return collect(self, output, where, primary)
 
     # ----------------------------------------------------------------------------------------------- the backward
     def accumulate(self, record: Record) -> None:

@@ -1074,3 +1074,37 @@ def test_recompute_equals_activations_with_an_op_level_guess_point_before_a_resi
         grads.append({n: p.grad for n, p in m.named_parameters()})
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-10, atol=1e-12, msg=n)
+
+
+class _LossInside(nn.Module):
+    """Computes its loss inside ``forward`` from ``labels=`` after the head (as Hugging Face models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.dropout = nn.Dropout(0.3)
+
+    def forward(self, x, labels):
+        return F.cross_entropy(self.head(self.dropout(torch.tanh(self.a(x)))), labels)
+
+
+@pytest.mark.parametrize("method", ["wt", "activation"])
+def test_recompute_with_a_loss_inside_forward_and_many_guesses(method):
+    """The replay cuts the head's output back to the batch as the first forward does (it failed with a raw
+    batch-size error, ``head=`` and ``labels=`` with ``num_guesses > 1``); and it replays in the training mode the
+    forward ran in, even if the model was put in ``eval()`` before ``backward()`` (it replayed without the dropout
+    masks: a silently different estimate)."""
+    torch.manual_seed(0)
+    model, (x, y) = _LossInside(), data(batch=4)
+    grads = []
+    for store in ("activations", "recompute"):
+        m = copy.deepcopy(model)
+        torch.manual_seed(1)  # the same dropout masks in both
+        with attach(m, method, seed=0, store=store, num_guesses=3, head=m.head):
+            loss = m(x, labels=y)
+            m.eval()  # e.g. an evaluation callback between forward and backward
+            loss.backward()
+            assert not m.training
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-10, atol=1e-12, msg=n)
