@@ -190,6 +190,50 @@ class Tracker:
         return Rows(0, 1) if out.shape[0] == n else UNKNOWN
 
 
+def _einsum_places(args: tuple, kwargs: dict, tracker: Tracker) -> list[int | None] | None:
+    """Where each batch operand's rows land in an ``einsum``'s output (``None``: summed over), from its equation."""
+    equation = args[0] if args and isinstance(args[0], str) else kwargs.get("equation")
+    operands = args[1:] if len(args) > 1 else kwargs.get("operands", ())
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    if not isinstance(equation, str) or "..." in equation:
+        return None
+    equation = equation.replace(" ", "")
+    inputs, _, output = equation.partition("->")
+    subscripts = inputs.split(",")
+    if len(subscripts) != len(operands):
+        return None
+    if "->" not in equation:  # implicit output: the letters seen once, in alphabetical order
+        output = "".join(sorted(c for c in set(inputs) if c.isalpha() and inputs.count(c) == 1))
+    places = []
+    for letters, t in zip(subscripts, operands, strict=True):
+        entry = tracker.batch(t) if isinstance(t, Tensor) else None
+        if entry is None or entry[0].dim is None or entry[0].fold != 1 or entry[0].dim >= len(letters):
+            continue
+        letter = letters[entry[0].dim]
+        places.append(output.index(letter) if letter in output else None)
+    return places
+
+
+def _contraction_places(func: Any, args: tuple, kwargs: dict, tracker: Tracker) -> list[int | None] | None:
+    """For an op that contracts or lays out its operands' dims by its own arguments (``einsum``, ``tensordot``,
+    ``inner``, ``outer``, ``kron``, ``F.linear`` whose weight is a batch tensor), where each batch operand's rows land
+    in the output (``None``: contracted); ``None`` for other ops. Two batch operands of ``tensordot``/``inner``/
+    ``outer``/``kron``/``linear`` always land on different dims (``einsum("bd,cd->bc", h, h)``: attention across the
+    batch)."""
+    name = _name(func)
+    if name == "einsum":
+        return _einsum_places(args, kwargs, tracker)
+    if name in ("tensordot", "inner", "outer", "ger", "kron"):
+        rowed = [t for t in _tensors(args, kwargs) if tracker.batch(t) is not None]
+        return list(range(len(rowed))) if len(rowed) > 1 else None
+    if name == "linear":
+        weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
+        if isinstance(weight, Tensor) and tracker.batch(weight) is not None:
+            return [0, -1]  # the input's rows stay on dim 0, the weight's become the output's last dim
+    return None
+
+
 def _dims(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list[Any]:
     return [args[1 + i] if len(args) > 1 + i else kwargs.get(n) for i, n in enumerate(names)]
 
@@ -320,6 +364,10 @@ class GuessingMode(TorchFunctionMode):
         lost = [r for r, _, h in batched if r.dim is None and h]
         places = {self.tracker.out_rows(func, args, kwargs, r, shp, first)
                   for r, shp, _ in batched if r.dim is not None}
+        contracted = _contraction_places(func, args, kwargs, self.tracker)
+        if contracted is not None:  # einsum, tensordot, inner, outer, kron, F.linear: from the op's own dims
+            places = set(contracted)
+            lost = [None] if None in places and len(places) > 1 else []
         if (lost and places) or len(places) > 1:
             raise GuessingNotSupportedError(
                 f"{_name(func)!r} mixes the examples of the batch: it combines "

@@ -1108,3 +1108,31 @@ def test_recompute_with_a_loss_inside_forward_and_many_guesses(method):
         grads.append({n: p.grad for n, p in m.named_parameters()})
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-10, atol=1e-12, msg=n)
+
+
+_ACROSS_THE_BATCH = {
+    "einsum": lambda h: torch.softmax(torch.einsum("bd,cd->bc", h, h), 1) @ h,
+    "einsum implicit": lambda h: torch.einsum("bc,cd", torch.softmax(h @ h.T, 1), h),
+    "tensordot": lambda h: torch.tensordot(torch.softmax(torch.tensordot(h, h, dims=([1], [1])), 1), h, dims=1),
+    "inner": lambda h: torch.softmax(torch.inner(h, h), 1) @ h,
+    "linear": lambda h: F.linear(torch.softmax(F.linear(h, h), 1), h.T),
+}
+
+
+@pytest.mark.parametrize("kind", list(_ACROSS_THE_BATCH))
+def test_attention_across_the_batch_written_with_contractions_is_refused(kind):
+    """``einsum``/``tensordot``/``inner``/``F.linear(h, h)`` laying two batch operands' rows on different dims of
+    their output were not refused (written with ``@`` they were): a silently wrong average (cosine 0.6, ratio 0.3)."""
+    model, (x, y) = _RowOps("einsum ok"), data(batch=4)
+    model.kind = kind
+    op = _ACROSS_THE_BATCH[kind]
+    model.forward = lambda x: model.l2(torch.tanh(op(torch.tanh(model.l1(x)))))
+    with attach(model, "activation", seed=0), pytest.raises(GuessingNotSupportedError, match="mixes the examples"):
+        F.cross_entropy(model(x), y).backward()
+
+
+def test_per_example_contractions_pass():
+    """An ``einsum`` that keeps each example's rows together is estimated (against backprop)."""
+    model, (x, y) = _RowOps("einsum ok"), data(batch=4)
+    model.forward = lambda x: model.l2(torch.einsum("bd,bd->bd", torch.tanh(model.l1(x)), model.l1(x)))
+    check(model, lambda m: F.cross_entropy(m(x), y), "activation")
