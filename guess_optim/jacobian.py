@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .contexts import own_autograd
 from .errors import GuessingNotSupportedError
+from .graph import GraphError
 
 __all__ = [
     "EXACT_BUDGET",
@@ -277,7 +278,27 @@ def _elementwise_derivative(leaf: Tensor, x: Tensor) -> Tensor | None:
 def upstream_jacobian(leaf: Tensor, outputs: list[Tensor], lifts: list[Tensor | None]) -> UpstreamJacobian:
     """The operator of ``J_b`` for replayed ``outputs`` (see :class:`AutogradJacobian` for the arguments):
     :class:`LinearJacobian` when every next module is a Linear behind an element-wise chain, else
-    :class:`AutogradJacobian`."""
+    :class:`AutogradJacobian`. An output whose rows are folded into dim 0 (``x.view(-1, D)`` of ``[N, L, D]``, as
+    transformers' ``Conv1D`` does) is seen as ``[N, L, D]``.
+
+    Raises:
+        GraphError: an output whose dim 0 does not hold the ``N`` rows (nor ``N`` folded blocks of rows).
+    """
+    n, seen = leaf.shape[0], {}
+    for x in outputs:
+        if id(x) in seen:
+            continue
+        if x.dim() >= 2 and x.shape[0] != n and x.shape[0] % n == 0:
+            seen[id(x)] = x.reshape(n, -1, x.shape[-1])
+        elif x.dim() == 0 or x.shape[0] != n:
+            raise GraphError(
+                f"the per-example Jacobian of a guess point's next modules needs their inputs with the batch's {n} "
+                f"rows on dim 0, but one has shape {tuple(x.shape)} (an op between moved the batch, e.g. a "
+                "sequence-first transpose): use method='wt' or 'activation' for this model"
+            )
+        else:
+            seen[id(x)] = x
+    outputs = [seen[id(x)] for x in outputs]
     if lifts and all(w is not None for w in lifts):
         derivatives: dict[int, Tensor | None] = {}
         for x in outputs:

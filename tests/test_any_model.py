@@ -1136,3 +1136,33 @@ def test_per_example_contractions_pass():
     model, (x, y) = _RowOps("einsum ok"), data(batch=4)
     model.forward = lambda x: model.l2(torch.einsum("bd,bd->bd", torch.tanh(model.l1(x)), model.l1(x)))
     check(model, lambda m: F.cross_entropy(m(x), y), "activation")
+
+
+class _Folded(nn.Module):
+    """Tokens ``[B, L, D]`` into a Linear, directly or folded into ``[B·L, D]`` (as transformers' ``Conv1D`` does)."""
+
+    def __init__(self, folded: bool):
+        super().__init__()
+        self.a, self.b, self.head, self.folded = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(15, 3), folded
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        z = self.b(h.reshape(-1, 6)).view(x.shape[0], -1, 5) if self.folded else self.b(h)
+        return self.head(torch.tanh(z).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["wt-perp", "wt-precond"])
+def test_per_example_jacobian_of_a_next_module_fed_folded_rows(method):
+    """The per-example Jacobian of ``a``'s next module read a folded ``[B·L, D]`` input as ``B·L`` examples (a raw
+    shape error on every GPT-2); it is now seen as ``[B, L, D]``: the same guesses as the unfolded model."""
+    torch.manual_seed(0)
+    plain, folded = _Folded(False), _Folded(True)
+    folded.load_state_dict(plain.state_dict())
+    x, y = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
+    grads = []
+    for m in (plain, folded):
+        with attach(m, method, seed=0):
+            F.cross_entropy(m(x), y).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-9, atol=1e-12, msg=n)
