@@ -528,6 +528,10 @@ class GuessingMode(TorchFunctionMode):
         leaves, spec = tree_flatten((args, kwargs))
         rowed = {i: tracker.batch(t)[0] for i, t in enumerate(leaves)
                  if isinstance(t, Tensor) and tracker.batch(t) is not None}
+        rnn = _name(func) in _RNN_OPS
+        if rnn:  # the hidden state nn.RNN makes itself (zeros of (layers, N, H)): its rows are on dim 1
+            rowed.update({i: Rows(1, 1) for i, t in enumerate(leaves) if i not in rowed and isinstance(t, Tensor)
+                          and t.dim() == 3 and t.is_floating_point() and t.shape[1] == n})
         if not rowed or any(r.dim is None or leaves[i].shape[r.dim] != n * r.fold for i, r in rowed.items()):
             return None
         first = next(iter(rowed))
@@ -537,6 +541,8 @@ class GuessingMode(TorchFunctionMode):
         for i, o in enumerate(outs):
             if isinstance(o, Tensor) and o.is_floating_point():
                 r = tracker.out_rows(func, args, kwargs, rowed[first], leaves[first].shape, o)
+                if rnn and r.dim is None and o.dim() and sum(s == n for s in o.shape) == 1:
+                    r = Rows(list(o.shape).index(n), 1)
                 if r.dim is None or o.shape[r.dim] != n * r.fold:
                     return None
                 out_rows[i] = r

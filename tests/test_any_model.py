@@ -237,6 +237,17 @@ def test_recurrent_layers(cell, batch_first):
     check(Recurrent(cell, batch_first), lambda m: F.cross_entropy(m(x), y), "activation", guesses=100000)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_recurrent_layer_directional_with_many_guesses(batch_first):
+    """``directional`` runs an RNN op once per guess block; the hidden state ``nn.RNN`` makes itself (zeros of
+    ``(layers, N, H)``) was not cut into blocks: a raw size error with ``num_guesses > 1``."""
+    torch.manual_seed(0)
+    model = Recurrent(nn.RNN, batch_first)
+    x, y = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2])
+    check(model, lambda m: F.cross_entropy(m(x), y), "directional", guesses=40000)
+
+
 # --------------------------------------------------------------------------------------------- torch.compile
 def test_compile_after_attach_is_a_clear_error_and_the_model_stays_usable():
     torch.manual_seed(0)
