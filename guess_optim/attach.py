@@ -9,7 +9,7 @@ from torch import nn
 
 from ._checks import check_choice, check_int
 from .estimators import Estimator, make_estimator
-from .handle import ATTR, GuessHandle
+from .handle import ATTR, GuessHandle, live_handles
 from .layout import GUESS_POINT_TYPES, unsupported_parameters  # noqa: F401  (GUESS_POINT_TYPES: docs)
 from .nonfinite import NONFINITE_POLICIES
 from .release import refuse_distributed
@@ -198,6 +198,19 @@ def _check_model(model: nn.Module, head: nn.Module | None) -> None:
         raise RuntimeError(
             f"this model already has guessed gradients attached ({existing!r}); call handle.remove() first "
             "(guess_optim.handle_of(model).remove() if you have no handle, e.g. on a deep copy)"
+        )
+    inner = next(((n, m) for n, m in model.named_modules() if n and handle_of(m) is not None), None)
+    if inner is not None:
+        raise RuntimeError(
+            f"submodule {inner[0]!r} of this model already has guessed gradients attached ({handle_of(inner[1])!r}): "
+            "one attach per model (pass head= or freeze parameters to narrow what is guessed); remove that handle "
+            "first"
+        )
+    outer = next((h for h in live_handles() if any(m is model for m in h.model.modules())), None)
+    if outer is not None:
+        raise RuntimeError(
+            f"this model is a submodule of a model that already has guessed gradients attached ({outer!r}): one "
+            "attach per model (pass head= or freeze parameters to narrow what is guessed); remove that handle first"
         )
     if head is not None and not any(head is mod for mod in model.modules()):
         raise ValueError("head must be a submodule of the model")

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,8 +33,14 @@ from .step import GuessingStep
 __all__ = ["ATTR", "GuessHandle"]
 
 ATTR = "_guess_optim_handle"
-_DYNAMO_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
 """The attribute of the model that holds its handle (so :func:`~guess_optim.handle_of` finds it, also on a copy)."""
+_DYNAMO_EVAL_FRAME = os.path.join("_dynamo", "eval_frame.py")
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # the handles not removed yet (attach refuses nesting)
+
+
+def live_handles() -> list[GuessHandle]:
+    """The handles attached and not removed (in this process)."""
+    return list(_LIVE)
 
 
 _REPEATED_BATCH_NOTE = (
@@ -108,6 +115,7 @@ class GuessHandle:
         if estimator.space != "backprop":
             self._install()
         setattr(model, ATTR, self)
+        _LIVE.add(self)
 
     @property
     def method(self) -> Estimator:
@@ -163,6 +171,7 @@ class GuessHandle:
         self.graphs.clear()
         if getattr(self.model, ATTR, None) is self:
             delattr(self.model, ATTR)
+        _LIVE.discard(self)
         self._removed = True
 
     def __enter__(self) -> GuessHandle:

@@ -362,3 +362,15 @@ def test_module_backward_hooks_are_refused_and_parameter_hooks_run(kind):
         model(x).sum().backward()
     for p, g in zip(model.parameters(), plain, strict=True):
         torch.testing.assert_close(p.grad, 2 * g)
+
+
+def test_nested_attach_is_refused():
+    """A submodule of an attached model, or a model containing an attached submodule: refused at attach (it used to
+    fail at the next forward with a misleading forward-AD error)."""
+    model = mlp()
+    with attach(model, "activation"), pytest.raises(RuntimeError, match="submodule of a model that already"):
+        attach(model[0], "activation")
+    with attach(model[0], "activation"), pytest.raises(RuntimeError, match="submodule '0' of this model already"):
+        attach(model, "activation")
+    with attach(model, "activation"):  # both removed: attaching again is fine
+        model(torch.randn(2, 4)).sum().backward()
