@@ -421,6 +421,7 @@ def discover(
     boundary: nn.Module,
     sources: Iterable[nn.Module] | None = None,
     trainable: Iterable[Tensor] = (),
+    rows: int | None = None,
 ) -> Graph:
     """Run ``run_forward()`` once under a tracer and return the edges between ``modules``.
 
@@ -437,6 +438,8 @@ def discover(
             activations captured (a frozen backbone's layers need no edges when only prompts are guessed).
         trainable: the trainable parameters: an op that reads one of them (directly, or through parameter-only ops)
             and a followed tensor becomes an :class:`OpNode`, the op-level guess point of the guessing forward.
+        rows: the batch's rows (``K`` times the batch size): a tracked module none of whose inputs has them (nor a
+            followed tensor) is parameter-only, as in the guessing step. (default: ``None``, every call followed)
 
     Returns:
         The :class:`Graph`.
@@ -452,11 +455,20 @@ def discover(
     tracked = set(modules)
     followed = tracked if sources is None else set(sources)
 
+    reads_batch: list[bool] = []
+
     def pre(module, args, kwargs):
         if module in tracked:
-            for t in tree_flatten((args, kwargs))[0] if torch.is_grad_enabled() else ():
+            leaves = tree_flatten((args, kwargs))[0]
+            for t in leaves if torch.is_grad_enabled() else ():
                 for origin, chain in tracer.origins(t).items():
                     graph.edges.setdefault(origin, []).append(Edge(module, chain, tuple(t.shape), t.dtype))
+            # as the guessing step decides (GuessingStep.enter_module): a module reading no batch tensor (a prompt
+            # embedded once, position ids (1, L)) computes from its parameters alone: its output is parameter-derived,
+            # and the op where it meets the batch is the guess point
+            reads_batch.append(rows is None or type(module).__name__ == "PromptTokens" or any(
+                isinstance(t, Tensor) and (tracer.origins(t) or (t.dim() > 0 and t.shape[0] == rows
+                                                                 and not tracer._is_derived(t))) for t in leaves))
             tracer.inside += 1
 
     def post(module, args, kwargs, output):
@@ -464,8 +476,13 @@ def discover(
             tracer.inside -= 1
             graph.edges.setdefault(module, [])
             graph.calls[module] = graph.calls.get(module, 0) + 1
+            batch = reads_batch.pop() if reads_batch else True
             if isinstance(output, Tensor) and torch.is_grad_enabled() and module in followed:
-                tracer.track(output, {module: Chain()})
+                own = tuple(id(p) for p in module.parameters(recurse=False) if id(p) in tracer.trainable)
+                if batch or not own:
+                    tracer.track(output, {module: Chain()})
+                else:
+                    tracer.derived[id(output)] = (weakref.ref(output), own)
         if module is boundary:
             for t in tree_flatten(output)[0]:
                 for origin, chain in tracer.origins(t).items():

@@ -39,13 +39,13 @@ class GraphCache:
         self._graphs: dict[tuple, Graph] = {}
         self._dynamic: set[tuple] = set()  # signatures whose control flow changed: discovered on every step
 
-    def get(self, args: tuple, kwargs: dict, trainable: list[Tensor] | None = None) -> Graph:
+    def get(self, args: tuple, kwargs: dict, trainable: list[Tensor] | None = None, rows: int | None = None) -> Graph:
         """The graph of the model's forward on these inputs: cached, or discovered by one traced forward run with the
         global RNG forked and buffers restored after (the extra forward leaves no trace).
 
         ``trainable``: the parameters the step estimates (an op reading one of them is an op-level guess point); the
         engine passes them, as the ``store="recompute"`` replay discovers while they are frozen. (default: those that
-        require grad now)
+        require grad now). ``rows``: the batch's rows (see :func:`~guess_optim.graph.discover`).
         """
         from .contexts import parameters_frozen
 
@@ -63,7 +63,7 @@ class GraphCache:
         try:
             with self.internal(), torch.random.fork_rng(devices=devices), parameters_frozen(model, trainable):
                 graph = discover(model, lambda: model(*args, **kwargs), self.modules, self.boundary, self.sources,
-                                 trainable)
+                                 trainable, rows)
         finally:
             with torch.no_grad():
                 for b, saved in zip(model.buffers(), buffers, strict=True):

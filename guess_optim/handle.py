@@ -92,6 +92,7 @@ class GuessHandle:
         self.raw_parameters = raw_parameters
         self.combine = combine
         self.gradient_release = gradient_release
+        self._warned_unseen = False  # the one warning that a structured guess fell back to isotropic
         self._warned_stale = False  # the one warning that a cached graph went stale (control flow changed)
         self._warned_release = False  # the one warning that no hook consumed a released estimate
         self._release: Any = None  # weakref to the last step's GradientRelease (gradient_release)

@@ -65,7 +65,8 @@ def replay(step: GuessingStep) -> dict[int, Tensor]:
             if again.graph is None and needs_graph:
                 # as the first forward discovered: labels repeated, the step's trainable parameters (frozen here)
                 again.graph = handle.graphs.get(saved["args"], repeat_labels(saved["kwargs"], step.batch,
-                                                                             handle.num_guesses), trainable)
+                                                                             handle.num_guesses), trainable,
+                                                step.rows)
                 again.graph_uses = handle.graphs.uses(again.graph, handle.guess_points, handle.exact_head)
             handle._step = again
             with GuessingMode(again):

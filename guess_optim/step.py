@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .boundary import Estimate, collect
-from .contexts import load_jvp_decompositions, parameters_frozen, primal
+from .contexts import load_jvp_decompositions, parameters_frozen, primal, user_stacklevel
 from .errors import GuessingNotSupportedError
 from .estimators import Directional
 from .graph import Graph, GraphError, op_key
@@ -129,7 +130,7 @@ class GuessingStep:
         needs_graph = handle.estimator.needs is not None or handle.exact_head
         trainable = {id(p): p for p in handle.model.parameters() if p.requires_grad}
         graph = handle.graphs.get(args, repeat_labels(kwargs, batch, handle.num_guesses),
-                                  list(trainable.values())) if needs_graph else None
+                                  list(trainable.values()), batch * handle.num_guesses) if needs_graph else None
         computed = [n for n, p in handle.model.named_parameters() if p.requires_grad and not p.is_leaf]
         if computed:
             raise GuessingNotSupportedError(
@@ -375,6 +376,15 @@ class GuessingStep:
         self.op_counts[key] = n + 1
         graph = self.graph
         node = graph.op_nodes.get((key, n)) if graph is not None else None
+        handle = self.handle
+        if node is None and graph is not None and self.estimator.needs is not None and not handle._warned_unseen:
+            handle._warned_unseen = True
+            warnings.warn(
+                f"guess_optim: graph discovery did not see the op-level guess point "
+                f"'{getattr(func, '__name__', func)}({', '.join(handle.param_names.get(i, '?') for i in sources)})' "
+                f"(occurrence {n}): its {self.estimator.name!r} guess falls back to an isotropic one (an "
+                "'activation' guess). Please report the model; guess_optim.check() shows the estimate's quality.",
+                stacklevel=user_stacklevel())
         return node, (graph.next_edges(node) if node is not None else [])
 
     def release_graph(self, module: nn.Module) -> None:

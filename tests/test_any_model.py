@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 from unbiased import averaged, backprop, compare
 
+import guess_optim
 from guess_optim import GuessingNotSupportedError, attach
 from guess_optim.graph import GraphError
 
@@ -1177,3 +1178,53 @@ def test_per_example_jacobian_of_a_next_module_fed_folded_rows(method):
         grads.append({n: p.grad for n, p in m.named_parameters()})
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-9, atol=1e-12, msg=n)
+
+
+class _PromptIntoLinear(nn.Module):
+    """A prompt embedded once (``(1, P)`` ids), repeated, concatenated with the tokens, into a Linear that narrows."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompt, self.proj, self.head = nn.Embedding(2, 5), nn.Linear(5, 2), nn.Linear(6, 3)
+        self.register_buffer("prompt_ids", torch.arange(2))
+
+    def forward(self, x):  # x: [B, 1, 5]
+        prompts = self.prompt(self.prompt_ids[None]).repeat(x.shape[0], 1, 1)
+        return self.head(torch.tanh(self.proj(torch.cat([prompts, x], 1))).flatten(1))
+
+
+def test_wt_guess_of_a_prompt_embedded_once_is_structured():
+    """Discovery follows a module that reads no batch tensor (a prompt embedded once, peft's prompt tuning of Llama)
+    as parameter-only, as the guessing step does: the prompt's ``wt`` guess is pulled back through the next Linear
+    (its estimate lies in that Linear's row space); it fell back to an isotropic guess, silently."""
+    torch.manual_seed(0)
+    model = _PromptIntoLinear()
+    x, y = torch.randn(4, 1, 5, generator=torch.Generator().manual_seed(3)), torch.tensor([2, 0, 1, 1])
+    rows = torch.linalg.pinv(model.proj.weight) @ model.proj.weight
+    with attach(model, "wt", seed=0):
+        F.cross_entropy(model(x), y).backward()
+    g = model.prompt.weight.grad
+    assert g.norm() > 0 and (g - g @ rows).norm() < 1e-9 * g.norm()
+
+
+class _HiddenFromDiscovery(nn.Module):
+    """Adds a raw parameter only in the guessing forward (not in the engine's own forwards): an op-level guess point
+    graph discovery never sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.p = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x):
+        h = self.a(x)
+        if not guess_optim.handle_of(self).in_internal_forward:
+            h = h + self.p
+        return self.b(torch.tanh(h))
+
+
+def test_a_structured_guess_that_falls_back_to_isotropic_warns():
+    torch.manual_seed(0)
+    model, (x, y) = _HiddenFromDiscovery(), data(batch=4)
+    with attach(model, "wt", seed=0), pytest.warns(UserWarning, match=r"did not see the op-level guess point 'add\(p"):
+        F.cross_entropy(model(x), y).backward()
