@@ -233,3 +233,27 @@ def test_train_with_gradient_release_and_recompute(tmp_path):
 def test_train_gradient_release_errors(tmp_path, extra, match):
     with pytest.raises(SystemExit, match=match):
         train(tmp_path, *extra)
+
+
+@pytest.mark.parametrize("command", [["cosine"], ["reproduce", "cosine"]])
+@pytest.mark.parametrize("where, message", [("file", "is an existing file, not a directory"),
+                                            ("/proc/nope/out", "cannot create the directory '/proc/nope/out'")])
+def test_reproduce_out_dir_is_checked_before_the_run(tmp_path, monkeypatch, capsys, command, where, message):
+    """Regression: an unusable --out-dir was only noticed by finish(), after the whole experiment: the results were
+    lost in a FileExistsError / FileNotFoundError traceback."""
+    from guess_optim.reproduce import cosine
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the experiment ran")
+
+    monkeypatch.setattr(cosine, "load", no_run)
+    if where == "file":
+        where = tmp_path / "file"
+        where.write_text("not a directory\n")
+    with pytest.raises(SystemExit) as info:
+        main([*command, *COSINE, "--out-dir", str(where)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"guess-optim {' '.join(command)}: error: --out-dir: " in err and message in err
+    with pytest.raises(ValueError, match="Invalid out_dir: .*" + message):  # the Python API too
+        cosine.run_cosine(cosine.CosineConfig(dataset="digits"), out_dir=where)
