@@ -28,13 +28,19 @@ from .data import DATASETS, load_dataset, make_loaders
 from .estimators import METHODS, get_estimator
 from .models import ACTIVATIONS, MODELS, build_model
 from .optim import OPTIMIZERS, OptimizerInBackward, build_optimizer
-from .trainer import GuessedGradientTrainer
+from .trainer import CheckpointError, GuessedGradientTrainer
 
 __all__ = ["DEFAULT_EPOCHS", "OPTIMIZERS", "build_optimizer", "derive_seeds", "main"]
 
 DEFAULT_EPOCHS = 20
 """Default ``--epochs`` of ``train``: about 10 s for ``wt`` on ``mnist-5k`` (3 x 128 MLP) on 2 CPU cores."""
 SPLIT_SEED = 0  # the mnist-5k/digits train/test split is fixed, whatever --seed is
+_RESUME_HINTS = {  # CheckpointError.part -> how to resume
+    "file": "run without --resume to start afresh (it overwrites the file) or point --checkpoint-dir elsewhere",
+    "method": "resume with the --method that wrote it",
+    "model": "resume with the --model, --dataset, --depth and --width that wrote it",
+    "optimizer": "resume with the --optimizer (and --gradient-release) that wrote it",
+}
 
 
 def derive_seeds(seed: int) -> dict[str, int]:
@@ -313,8 +319,9 @@ def _run_delegated(command: str, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``guess-optim`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
-    Exit codes: 0 on success; 2 for bad flags (argparse; also a ``--device`` this machine does not have) or a missing
-    dataset (the message, with how to get it, goes to stderr, without a traceback); 130 on ``KeyboardInterrupt``.
+    Exit codes: 0 on success; 2 for bad flags (argparse; also a ``--device`` this machine does not have), a missing
+    dataset, or a ``--resume`` checkpoint that cannot be read or was written with other flags (the message goes to
+    stderr, without a traceback, and nothing is trained or overwritten); 130 on ``KeyboardInterrupt``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:  # sub-commands with parsers of their own
@@ -336,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except FileNotFoundError as err:
         print(f"guess-optim {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except CheckpointError as err:  # raised before the checkpoint is loaded: nothing was trained or written
+        print(f"guess-optim {args.command}: error: cannot --resume: {err}; {_RESUME_HINTS[err.part]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"guess-optim {args.command}: interrupted", file=sys.stderr)

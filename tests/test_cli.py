@@ -257,3 +257,67 @@ def test_reproduce_out_dir_is_checked_before_the_run(tmp_path, monkeypatch, caps
     assert f"guess-optim {' '.join(command)}: error: --out-dir: " in err and message in err
     with pytest.raises(ValueError, match="Invalid out_dir: .*" + message):  # the Python API too
         cosine.run_cosine(cosine.CosineConfig(dataset="digits"), out_dir=where)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A last.pt of ``wt`` with AdamW on the TINY MLP (2 x 16), one epoch."""
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    assert main(["train", *TINY, "--epochs", "1", "--quiet", "--track-cosine", "0", "--checkpoint-dir", str(ckpt)]) == 0
+    return ckpt / "last.pt"
+
+
+@pytest.mark.parametrize("extra, differs, hint", [
+    (["--optimizer", "sgd"], "does not fit this optimizer: it was written with AdamW, this trainer has SGD",
+     "--optimizer"),
+    (["--gradient-release"], "it was written with AdamW, this trainer has OptimizerInBackward(AdamW)",
+     "--gradient-release"),
+    (["--method", "activation"], "was written by method 'wt', not 'activation'", "--method"),
+    (["--width", "32"], "was written for another model: layers.1.weight is [16, 64] there, [32, 64] here",
+     "--width"),
+    (["--depth", "3"], "not in the checkpoint: layers.5.weight, layers.5.bias", "--depth"),
+])
+def test_resume_with_other_flags_is_a_clear_error(tmp_path, capsys, checkpoint, extra, differs, hint):
+    """Regression: resuming with another --optimizer (KeyError: 'momentum' inside the first step), --method
+    (ValueError traceback) or --width (state_dict size-mismatch traceback). Now a message naming the checkpoint and
+    what differs, exit code 2, before anything is loaded, trained or written."""
+    before = checkpoint.read_bytes()
+    code, r = train(tmp_path, "--track-cosine", "0", "--checkpoint-dir", str(checkpoint.parent), "--resume", *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and r is None and "Traceback" not in err
+    assert f"guess-optim train: error: cannot --resume: the checkpoint at {str(checkpoint)!r}" in err
+    assert differs in err and hint in err
+    assert checkpoint.read_bytes() == before
+
+
+def test_resume_from_an_unreadable_or_foreign_file_is_a_clear_error(tmp_path, capsys, checkpoint):
+    """Regression: a damaged last.pt ended in torch.load's traceback ('Unsupported operand 103')."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for content, differs in [(b"garbage\n", "cannot be read (UnpicklingError"), (b"", "cannot be read (EOFError)"),
+                             (checkpoint.read_bytes()[:1000], "cannot be read (RuntimeError")]:
+        (ckpt / "last.pt").write_bytes(content)
+        code, r = train(tmp_path, "--checkpoint-dir", str(ckpt), "--resume")
+        err = capsys.readouterr().err
+        assert code == 2 and r is None and "Traceback" not in err, err
+        path = str(ckpt / "last.pt")
+        assert f"guess-optim train: error: cannot --resume: the checkpoint at {path!r} {differs}" in err
+        assert "run without --resume to start afresh" in err and (ckpt / "last.pt").read_bytes() == content
+    torch.save({"model": {}}, ckpt / "last.pt")
+    code, _ = train(tmp_path, "--checkpoint-dir", str(ckpt), "--resume")
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a checkpoint of GuessedGradientTrainer (it has no method, epoch" in err
+
+
+def test_resume_a_checkpoint_without_the_optimizer_type(tmp_path, capsys, checkpoint):
+    """Checkpoints written before the optimizer type was recorded: the optimizer state's structure is compared."""
+    state = torch.load(checkpoint, weights_only=True)
+    del state["optimizer_type"]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save(state, ckpt / "last.pt")
+    code, _ = train(tmp_path, "--track-cosine", "0", "--checkpoint-dir", str(ckpt), "--resume", "--optimizer", "sgd")
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit this optimizer: hyper-parameters" in err and "(another optimizer type)" in err
+    code, r = train(tmp_path, "--track-cosine", "0", "--checkpoint-dir", str(ckpt), "--resume")
+    assert code == 0 and r["epochs"] == 2
