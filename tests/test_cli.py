@@ -321,3 +321,40 @@ def test_resume_a_checkpoint_without_the_optimizer_type(tmp_path, capsys, checkp
     assert code == 2 and "does not fit this optimizer: hyper-parameters" in err and "(another optimizer type)" in err
     code, r = train(tmp_path, "--track-cosine", "0", "--checkpoint-dir", str(ckpt), "--resume")
     assert code == 0 and r["epochs"] == 2
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "--checkpoint-dir: '{file}' is an existing file, not a directory"),
+    ("/proc/nope/x.json", "--out: cannot create the directory '/proc/nope': No such file or directory"),
+    ("dir", "--out: '{dir}' is a directory; give a file name"),
+])
+def test_unusable_output_locations_are_errors_before_training(tmp_path, monkeypatch, capsys, where, message):
+    """Regression: --checkpoint-dir naming a file (FileExistsError traceback after the first epoch) and an --out
+    that cannot be created (FileNotFoundError traceback)."""
+    import guess_optim.cli as cli
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(cli, "load_dataset", no_training)
+    (tmp_path / "file").write_text("x\n")
+    paths = {"file": str(tmp_path / "file"), "dir": str(tmp_path)}
+    flag = ["--checkpoint-dir", paths["file"]] if where == "file" else ["--out", paths.get(where, where)]
+    with pytest.raises(SystemExit) as info:
+        main(["train", *TINY, "--quiet", *flag])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert "guess-optim train: error: " + message.format(**paths) in err
+
+
+def test_convnet_on_a_sequence_dataset_is_an_error_up_front(monkeypatch, capsys):
+    """Regression: --model convnet --dataset mnist1d loaded the data, then ended in build_model's ValueError."""
+    import guess_optim.cli as cli
+
+    monkeypatch.setattr(cli, "load_dataset", lambda *a, **k: pytest.fail("the dataset was loaded"))
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", "convnet", "--dataset", "mnist1d", "--epochs", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert "guess-optim train: error: --model convnet is a 2-D ConvNet for the image datasets (mnist-5k, digits" in err
+    assert "--dataset mnist1d holds 1-D sequences: use --model mlp" in err
