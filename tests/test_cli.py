@@ -358,3 +358,20 @@ def test_convnet_on_a_sequence_dataset_is_an_error_up_front(monkeypatch, capsys)
     assert info.value.code == 2 and "Traceback" not in err
     assert "guess-optim train: error: --model convnet is a 2-D ConvNet for the image datasets (mnist-5k, digits" in err
     assert "--dataset mnist1d holds 1-D sequences: use --model mlp" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{}", "not the results of guess-optim bench --out (no command, started, seconds, machine, load, time, memory"),
+    ('{"schema": "guess_optim.bench/0"}', "not the results of guess-optim bench --out of this version (schema "),
+    ("[1, 2]", "not the results of guess-optim bench --out (a JSON list, not an object)"),
+    ("x = 1\n", "not a JSON file (Expecting value: line 1 column 1 (char 0))"),
+])
+def test_bench_from_json_that_is_not_a_result(tmp_path, capsys, content, message):
+    """Regression: valid JSON that is not a bench result ended in KeyError: 'targets'; a non-JSON file in a bare
+    'Expecting value: line 1 column 1'."""
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    assert main(["bench", "--from-json", str(path), "--markdown", str(tmp_path / "report.md"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"guess-optim bench: error: --from-json {path}: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "report.md").exists()
