@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "json_safe", "write_json", "write_text"]
+__all__ = ["atomic_write", "ensure_writable_dir", "json_safe", "write_json", "write_text"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode: str = "wb") -> None:
@@ -47,6 +47,39 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> str:
+    """Create directory ``path`` (with its parents) if missing and check that files can be created in it.
+
+    Called before a run, so that an unusable output location is reported at once instead of after the run, with its
+    results lost.
+
+    Args:
+        path: the directory.
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        ValueError: ``path`` is an existing file, cannot be created, or no file can be created in it (the message
+            names the path and the reason).
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path!r} is an existing file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the directory {path!r}: {err.strerror or err}") from None
+    try:
+        fd, tmp = _create_temporary(path, "write-check")
+    except OSError as err:
+        raise ValueError(f"cannot write files in the directory {path!r}: {err.strerror or err}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    return path
 
 
 def _create_temporary(directory: str, name: str) -> tuple[int, str]:

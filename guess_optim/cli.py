@@ -21,20 +21,27 @@ import torch
 
 from . import __version__
 from ._checks import check_device, check_float, check_int
-from ._io import write_json
+from ._io import ensure_writable_dir, write_json
 from ._seeds import derive_seed
 from .attach import STORES
 from .data import DATASETS, load_dataset, make_loaders
 from .estimators import METHODS, get_estimator
 from .models import ACTIVATIONS, MODELS, build_model
 from .optim import OPTIMIZERS, OptimizerInBackward, build_optimizer
-from .trainer import GuessedGradientTrainer
+from .trainer import CheckpointError, GuessedGradientTrainer
 
 __all__ = ["DEFAULT_EPOCHS", "OPTIMIZERS", "build_optimizer", "derive_seeds", "main"]
 
 DEFAULT_EPOCHS = 20
 """Default ``--epochs`` of ``train``: about 10 s for ``wt`` on ``mnist-5k`` (3 x 128 MLP) on 2 CPU cores."""
 SPLIT_SEED = 0  # the mnist-5k/digits train/test split is fixed, whatever --seed is
+_SEQUENCE_DATASETS = ("mnist1d",)  # inputs (C, L), not images (C, H, W): --model convnet does not apply
+_RESUME_HINTS = {  # CheckpointError.part -> how to resume
+    "file": "run without --resume to start afresh (it overwrites the file) or point --checkpoint-dir elsewhere",
+    "method": "resume with the --method that wrote it",
+    "model": "resume with the --model, --dataset, --depth and --width that wrote it",
+    "optimizer": "resume with the --optimizer (and --gradient-release) that wrote it",
+}
 
 
 def derive_seeds(seed: int) -> dict[str, int]:
@@ -127,6 +134,11 @@ def _add_model_args(p: argparse.ArgumentParser, *, depth: int, width: int) -> No
 def build_parser() -> argparse.ArgumentParser:
     """The ``guess-optim`` argument parser: ``train``, and the delegated ``cosine``, ``reproduce`` and ``bench`` (listed
     here, parsed by their own parsers)."""
+    return _build_parser()[0]
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """:func:`build_parser` and its ``train`` sub-parser (whose ``error`` reports ``guess-optim train: error: ...``)."""
     parser = argparse.ArgumentParser(
         prog="guess-optim",
         description='Train PyTorch models with guessed gradients (Singhal et al., "How to Guess a Gradient", '
@@ -192,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
     for name, text in _DELEGATED.items():  # listed for --help; main() hands their arguments to their own parsers
         sub.add_parser(name, help=text, add_help=False)
-    return parser
+    return parser, t
 
 
 # ----------------------------------------------------------------------------------------------------- commands
@@ -313,29 +325,49 @@ def _run_delegated(command: str, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``guess-optim`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
-    Exit codes: 0 on success; 2 for bad flags (argparse; also a ``--device`` this machine does not have) or a missing
-    dataset (the message, with how to get it, goes to stderr, without a traceback); 130 on ``KeyboardInterrupt``.
+    Exit codes: 0 on success; 2 for bad flags (argparse; also a ``--device`` this machine does not have, a ``--model``
+    that does not fit the ``--dataset``, an ``--out`` or ``--checkpoint-dir`` where nothing can be written), a
+    missing dataset, or a ``--resume`` checkpoint that cannot be read or was written with other flags (the message
+    goes to stderr, without a traceback, and nothing is trained or overwritten); 130 on ``KeyboardInterrupt``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:  # sub-commands with parsers of their own
         return _run_delegated(argv[0], argv[1:])
-    parser = build_parser()
+    parser, train_parser = _build_parser()  # train_parser.error: "guess-optim train: error: ..."
     args = parser.parse_args(argv)
     if args.command == "train":
         if args.resume and not args.checkpoint_dir:
-            parser.error("--resume needs --checkpoint-dir DIR (the directory that holds last.pt)")
+            train_parser.error("--resume needs --checkpoint-dir DIR (the directory that holds last.pt)")
         if get_estimator(args.method).space == "backprop" and (args.num_guesses != 1 or args.exact_head):
-            parser.error(f"--num-guesses and --exact-head apply to guessed methods, not --method {args.method}")
+            train_parser.error(f"--num-guesses and --exact-head apply to guessed methods, not --method {args.method}")
         if args.momentum and args.optimizer != "sgd":
-            parser.error(f"--momentum applies to --optimizer sgd only, not {args.optimizer!r}")
+            train_parser.error(f"--momentum applies to --optimizer sgd only, not {args.optimizer!r}")
+        if args.model == "convnet" and args.dataset in _SEQUENCE_DATASETS:
+            images = ", ".join(d for d in DATASETS if d not in _SEQUENCE_DATASETS)
+            train_parser.error(f"--model convnet is a 2-D ConvNet for the image datasets ({images}); --dataset "
+                         f"{args.dataset} holds 1-D sequences: use --model mlp with it")
+        if args.checkpoint_dir:  # fail now, not after the first epoch, if checkpoints cannot be written there
+            try:
+                ensure_writable_dir(args.checkpoint_dir)
+            except ValueError as err:
+                train_parser.error(f"--checkpoint-dir: {err}")
     if args.out:  # fail now, not after training, if the results cannot be written there
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        if os.path.isdir(args.out):
+            train_parser.error(f"--out: {args.out!r} is a directory; give a file name, such as "
+                         f"{os.path.join(args.out, 'result.json')!r}")
+        try:
+            ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)))
+        except ValueError as err:
+            train_parser.error(f"--out: {err}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except FileNotFoundError as err:
         print(f"guess-optim {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except CheckpointError as err:  # raised before the checkpoint is loaded: nothing was trained or written
+        print(f"guess-optim {args.command}: error: cannot --resume: {err}; {_RESUME_HINTS[err.part]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"guess-optim {args.command}: interrupted", file=sys.stderr)

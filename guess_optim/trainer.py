@@ -28,12 +28,27 @@ from .engine import attach
 from .estimators import get_estimator
 from .optim.in_backward import OptimizerInBackward
 
-__all__ = ["CHECKPOINT_NAME", "GuessedGradientTrainer", "atomic_write"]
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "GuessedGradientTrainer", "atomic_write"]
 
 CHECKPOINT_NAME = "last.pt"
 """File name of the checkpoint written to ``checkpoint_dir`` after every epoch."""
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class CheckpointError(ValueError):
+    """``fit(resume=True)`` cannot continue from ``checkpoint_dir/last.pt``: the file is unreadable or not a trainer's
+    checkpoint, or it was written for another method, model or optimizer. Raised before anything is loaded or
+    written; the message names the checkpoint and what differs.
+
+    Attributes:
+        part: what does not fit: ``"file"`` (unreadable, or not a checkpoint of this trainer), ``"method"``,
+            ``"model"`` or ``"optimizer"``.
+    """
+
+    def __init__(self, message: str, *, part: str = "file") -> None:
+        super().__init__(message)
+        self.part = part
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -187,8 +202,10 @@ class GuessedGradientTrainer:
             included)}``.
 
         Raises:
-            ValueError: ``epochs`` not an int >= 1, or ``resume=True`` without ``checkpoint_dir``, or a checkpoint
-                written for another method.
+            ValueError: ``epochs`` not an int >= 1, or ``resume=True`` without ``checkpoint_dir``.
+            CheckpointError: ``resume=True`` and ``checkpoint_dir/last.pt`` is unreadable, not a checkpoint of this
+                trainer, or written for another method, model (parameter names or shapes) or optimizer (type or
+                parameter groups); raised before anything is loaded or written.
             FileNotFoundError: ``resume=True`` and ``checkpoint_dir/last.pt`` does not exist.
         """
         epochs = check_int("epochs", epochs, low=1)
@@ -372,6 +389,7 @@ class GuessedGradientTrainer:
         return {
             "format": 1,
             "method": self.method,
+            "optimizer_type": _optimizer_type(self.optimizer),
             "seed": self.seed,
             "epoch": self.epoch,
             "global_step": self.global_step,
@@ -410,11 +428,30 @@ class GuessedGradientTrainer:
                 f"resume=True but there is no checkpoint at {path!r}; run without resume first (it saves one "
                 "after every epoch) or point checkpoint_dir at the directory holding last.pt"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("method") != self.method:
-            raise ValueError(
-                f"the checkpoint at {path!r} was written by method {state.get('method')!r}, not {self.method!r}"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling, zip and end-of-file errors, whatever the file holds
+            raise CheckpointError(
+                f"the checkpoint at {path!r} cannot be read ({_first_sentence(err)}): it is not a {CHECKPOINT_NAME} "
+                "written by GuessedGradientTrainer, or it is damaged"
+            ) from err
+        missing = [k for k in _CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(_CHECKPOINT_KEYS)
+        if missing:
+            raise CheckpointError(f"the file at {path!r} is not a checkpoint of GuessedGradientTrainer (it has no "
+                                  f"{', '.join(missing)})")
+        if state["method"] != self.method:
+            raise CheckpointError(
+                f"the checkpoint at {path!r} was written by method {state['method']!r}, not {self.method!r}",
+                part="method",
             )
+        why = _model_mismatch(state["model"], self.model.state_dict())
+        if why:
+            raise CheckpointError(f"the checkpoint at {path!r} was written for another model: {why}", part="model")
+        written, here = state.get("optimizer_type"), _optimizer_type(self.optimizer)
+        why = (f"it was written with {written}, this trainer has {here}" if written is not None and written != here
+               else _optimizer_mismatch(state["optimizer"], self.optimizer.state_dict()))
+        if why:
+            raise CheckpointError(f"the checkpoint at {path!r} does not fit this optimizer: {why}", part="optimizer")
         return state
 
     def _restore(self, state: dict[str, Any], train_loader: Iterable) -> None:
@@ -433,6 +470,72 @@ class GuessedGradientTrainer:
         self.history = list(state["history"])
         self.skipped_steps = int(state["skipped_steps"])
         self.cosines = [(int(s), float(c)) for s, c in state.get("cosines", [])]
+
+
+_CHECKPOINT_KEYS = ("method", "epoch", "global_step", "model", "optimizer", "rng", "history", "skipped_steps")
+"""What :meth:`GuessedGradientTrainer._restore` reads from every checkpoint."""
+
+
+def _first_sentence(err: BaseException) -> str:
+    """``Type: first sentence of the message`` (torch's load errors run to several paragraphs)."""
+    text = str(err).strip()
+    first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _model_mismatch(saved: Any, current: dict[str, Tensor]) -> str | None:
+    """How the checkpoint's model ``state_dict`` differs from ``current`` (names and shapes); ``None`` if it fits."""
+    if not isinstance(saved, dict):
+        return f"its model state is a {type(saved).__name__}, not a state_dict"
+    shapes = [f"{k} is {list(saved[k].shape)} there, {list(v.shape)} here" for k, v in current.items()
+              if isinstance(saved.get(k), Tensor) and tuple(saved[k].shape) != tuple(v.shape)]
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    parts = [_few(shapes)] if shapes else []
+    parts += [f"not in the checkpoint: {_few(missing)}"] if missing else []
+    parts += [f"not in this model: {_few(unexpected)}"] if unexpected else []
+    return "; ".join(parts) or None
+
+
+def _optimizer_type(optimizer: Any) -> str:
+    """The optimizer's class name (``OptimizerInBackward(AdamW)`` for one that steps in backward), recorded in
+    checkpoints."""
+    if isinstance(optimizer, OptimizerInBackward):
+        inner = sorted({type(o).__name__ for o in optimizer.optimizers.values()})
+        return f"{type(optimizer).__name__}({', '.join(inner)})"
+    return type(optimizer).__name__
+
+
+def _optimizer_mismatch(saved: Any, current: dict[str, Any]) -> str | None:
+    """How the checkpoint's optimizer ``state_dict`` differs from ``current`` in structure (entries, parameter groups
+    and their sizes, hyper-parameter names); ``None`` if it fits.
+
+    Hyper-parameters are compared leniently (a checkpoint of an older or newer torch may lack or add a few): they
+    differ only when each side has names the other lacks (AdamW's ``betas`` against SGD's ``momentum``).
+    """
+    if not isinstance(saved, dict) or set(saved) != set(current):
+        keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        return f"its optimizer state holds {keys}, this optimizer's {sorted(current)}"
+    if "optimizers" in current:  # OptimizerInBackward: one optimizer per parameter
+        if len(saved["optimizers"]) != len(current["optimizers"]):
+            return f"{len(saved['optimizers'])} per-parameter optimizers there, {len(current['optimizers'])} here"
+        return next(filter(None, map(_optimizer_mismatch, saved["optimizers"], current["optimizers"])), None)
+    groups, here = saved.get("param_groups", []), current.get("param_groups", [])
+    if len(groups) != len(here):
+        return f"{len(groups)} parameter groups there, {len(here)} here"
+    for i, (g, h) in enumerate(zip(groups, here, strict=True)):
+        if len(g["params"]) != len(h["params"]):
+            return f"parameter group {i} holds {len(g['params'])} parameters there, {len(h['params'])} here"
+        only_there, only_here = sorted(set(g) - set(h)), sorted(set(h) - set(g))
+        if only_there and only_here:
+            return (f"hyper-parameters {', '.join(only_there)} there, {', '.join(only_here)} here "
+                    "(another optimizer type)")
+    return None
 
 
 def _check_in_backward(method: str, track_cosine: int, attach_kwargs: dict[str, Any]) -> None:

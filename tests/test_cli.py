@@ -233,3 +233,145 @@ def test_train_with_gradient_release_and_recompute(tmp_path):
 def test_train_gradient_release_errors(tmp_path, extra, match):
     with pytest.raises(SystemExit, match=match):
         train(tmp_path, *extra)
+
+
+@pytest.mark.parametrize("command", [["cosine"], ["reproduce", "cosine"]])
+@pytest.mark.parametrize("where, message", [("file", "is an existing file, not a directory"),
+                                            ("/proc/nope/out", "cannot create the directory '/proc/nope/out'")])
+def test_reproduce_out_dir_is_checked_before_the_run(tmp_path, monkeypatch, capsys, command, where, message):
+    """Regression: an unusable --out-dir was only noticed by finish(), after the whole experiment: the results were
+    lost in a FileExistsError / FileNotFoundError traceback."""
+    from guess_optim.reproduce import cosine
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the experiment ran")
+
+    monkeypatch.setattr(cosine, "load", no_run)
+    if where == "file":
+        where = tmp_path / "file"
+        where.write_text("not a directory\n")
+    with pytest.raises(SystemExit) as info:
+        main([*command, *COSINE, "--out-dir", str(where)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert f"guess-optim {' '.join(command)}: error: --out-dir: " in err and message in err
+    with pytest.raises(ValueError, match="Invalid out_dir: .*" + message):  # the Python API too
+        cosine.run_cosine(cosine.CosineConfig(dataset="digits"), out_dir=where)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A last.pt of ``wt`` with AdamW on the TINY MLP (2 x 16), one epoch."""
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    assert main(["train", *TINY, "--epochs", "1", "--quiet", "--track-cosine", "0", "--checkpoint-dir", str(ckpt)]) == 0
+    return ckpt / "last.pt"
+
+
+@pytest.mark.parametrize("extra, differs, hint", [
+    (["--optimizer", "sgd"], "does not fit this optimizer: it was written with AdamW, this trainer has SGD",
+     "--optimizer"),
+    (["--gradient-release"], "it was written with AdamW, this trainer has OptimizerInBackward(AdamW)",
+     "--gradient-release"),
+    (["--method", "activation"], "was written by method 'wt', not 'activation'", "--method"),
+    (["--width", "32"], "was written for another model: layers.1.weight is [16, 64] there, [32, 64] here",
+     "--width"),
+    (["--depth", "3"], "not in the checkpoint: layers.5.weight, layers.5.bias", "--depth"),
+])
+def test_resume_with_other_flags_is_a_clear_error(tmp_path, capsys, checkpoint, extra, differs, hint):
+    """Regression: resuming with another --optimizer (KeyError: 'momentum' inside the first step), --method
+    (ValueError traceback) or --width (state_dict size-mismatch traceback). Now a message naming the checkpoint and
+    what differs, exit code 2, before anything is loaded, trained or written."""
+    before = checkpoint.read_bytes()
+    code, r = train(tmp_path, "--track-cosine", "0", "--checkpoint-dir", str(checkpoint.parent), "--resume", *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and r is None and "Traceback" not in err
+    assert f"guess-optim train: error: cannot --resume: the checkpoint at {str(checkpoint)!r}" in err
+    assert differs in err and hint in err
+    assert checkpoint.read_bytes() == before
+
+
+def test_resume_from_an_unreadable_or_foreign_file_is_a_clear_error(tmp_path, capsys, checkpoint):
+    """Regression: a damaged last.pt ended in torch.load's traceback ('Unsupported operand 103')."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for content, differs in [(b"garbage\n", "cannot be read (UnpicklingError"), (b"", "cannot be read (EOFError)"),
+                             (checkpoint.read_bytes()[:1000], "cannot be read (RuntimeError")]:
+        (ckpt / "last.pt").write_bytes(content)
+        code, r = train(tmp_path, "--checkpoint-dir", str(ckpt), "--resume")
+        err = capsys.readouterr().err
+        assert code == 2 and r is None and "Traceback" not in err, err
+        path = str(ckpt / "last.pt")
+        assert f"guess-optim train: error: cannot --resume: the checkpoint at {path!r} {differs}" in err
+        assert "run without --resume to start afresh" in err and (ckpt / "last.pt").read_bytes() == content
+    torch.save({"model": {}}, ckpt / "last.pt")
+    code, _ = train(tmp_path, "--checkpoint-dir", str(ckpt), "--resume")
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a checkpoint of GuessedGradientTrainer (it has no method, epoch" in err
+
+
+def test_resume_a_checkpoint_without_the_optimizer_type(tmp_path, capsys, checkpoint):
+    """Checkpoints written before the optimizer type was recorded: the optimizer state's structure is compared."""
+    state = torch.load(checkpoint, weights_only=True)
+    del state["optimizer_type"]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save(state, ckpt / "last.pt")
+    code, _ = train(tmp_path, "--track-cosine", "0", "--checkpoint-dir", str(ckpt), "--resume", "--optimizer", "sgd")
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit this optimizer: hyper-parameters" in err and "(another optimizer type)" in err
+    code, r = train(tmp_path, "--track-cosine", "0", "--checkpoint-dir", str(ckpt), "--resume")
+    assert code == 0 and r["epochs"] == 2
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "--checkpoint-dir: '{file}' is an existing file, not a directory"),
+    ("/proc/nope/x.json", "--out: cannot create the directory '/proc/nope': No such file or directory"),
+    ("dir", "--out: '{dir}' is a directory; give a file name"),
+])
+def test_unusable_output_locations_are_errors_before_training(tmp_path, monkeypatch, capsys, where, message):
+    """Regression: --checkpoint-dir naming a file (FileExistsError traceback after the first epoch) and an --out
+    that cannot be created (FileNotFoundError traceback)."""
+    import guess_optim.cli as cli
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(cli, "load_dataset", no_training)
+    (tmp_path / "file").write_text("x\n")
+    paths = {"file": str(tmp_path / "file"), "dir": str(tmp_path)}
+    flag = ["--checkpoint-dir", paths["file"]] if where == "file" else ["--out", paths.get(where, where)]
+    with pytest.raises(SystemExit) as info:
+        main(["train", *TINY, "--quiet", *flag])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert "guess-optim train: error: " + message.format(**paths) in err
+
+
+def test_convnet_on_a_sequence_dataset_is_an_error_up_front(monkeypatch, capsys):
+    """Regression: --model convnet --dataset mnist1d loaded the data, then ended in build_model's ValueError."""
+    import guess_optim.cli as cli
+
+    monkeypatch.setattr(cli, "load_dataset", lambda *a, **k: pytest.fail("the dataset was loaded"))
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", "convnet", "--dataset", "mnist1d", "--epochs", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert "guess-optim train: error: --model convnet is a 2-D ConvNet for the image datasets (mnist-5k, digits" in err
+    assert "--dataset mnist1d holds 1-D sequences: use --model mlp" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{}", "not the results of guess-optim bench --out (no command, started, seconds, machine, load, time, memory"),
+    ('{"schema": "guess_optim.bench/0"}', "not the results of guess-optim bench --out of this version (schema "),
+    ("[1, 2]", "not the results of guess-optim bench --out (a JSON list, not an object)"),
+    ("x = 1\n", "not a JSON file (Expecting value: line 1 column 1 (char 0))"),
+])
+def test_bench_from_json_that_is_not_a_result(tmp_path, capsys, content, message):
+    """Regression: valid JSON that is not a bench result ended in KeyError: 'targets'; a non-JSON file in a bare
+    'Expecting value: line 1 column 1'."""
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    assert main(["bench", "--from-json", str(path), "--markdown", str(tmp_path / "report.md"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"guess-optim bench: error: --from-json {path}: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "report.md").exists()

@@ -18,7 +18,7 @@ from .memory import memory_worker
 from .peers import PEERS
 from .plot import plot
 from .report import target_lines, to_markdown
-from .session import run
+from .session import SCHEMA, run
 from .suite import Case, Config, core_runners, suite
 from .timing import profile_step
 
@@ -135,6 +135,34 @@ def _from_json(x: Any) -> Any:
     return x
 
 
+_RESULT_KEYS = ("command", "started", "seconds", "machine", "load", "time", "memory", "skipped", "targets")
+"""What the reports read from a results file (:func:`~guess_optim.bench.session.run`'s record)."""
+
+
+def _read_results(path: str) -> dict[str, Any]:
+    """An earlier ``--out`` file for ``--from-json``, checked to be a benchmark's results.
+
+    Raises:
+        ValueError: the file is not JSON, or not the results of ``guess-optim bench`` (the message names the file and
+            what is wrong).
+        OSError: it cannot be read.
+    """
+    with open(path, encoding="utf-8") as f:
+        try:
+            x = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"--from-json {path}: not a JSON file ({err})") from None
+    what = f"--from-json {path}: not the results of guess-optim bench --out"
+    if not isinstance(x, dict):
+        raise ValueError(f"{what} (a JSON {type(x).__name__}, not an object)")
+    if x.get("schema", SCHEMA) != SCHEMA:
+        raise ValueError(f"{what} of this version (schema {x['schema']!r}, this version reads {SCHEMA!r})")
+    missing = [k for k in _RESULT_KEYS if k not in x]
+    if missing:
+        raise ValueError(f"{what} (no {', '.join(missing)})")
+    return _from_json(x)
+
+
 def _save(results: dict[str, Any], args: argparse.Namespace, *, plots: bool) -> None:
     """Write ``--out``, ``--plot-dir`` and ``--markdown`` (after every case, and once more at the end)."""
     if args.out and not args.from_json:
@@ -162,8 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         if args.from_json:
-            with open(args.from_json) as f:
-                results = _from_json(json.load(f))
+            results = _read_results(args.from_json)
         elif args.profile:
             names = [n.strip() for n in args.profile.split(",") if n.strip()]
             for name in names:
@@ -178,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           checkpoint=lambda r: _save(r, args, plots=False),
                           command=" ".join(["python -m guess_optim.bench", *(sys.argv[1:] if argv is None else argv)]))
     except (ValueError, OSError) as e:
-        print(f"guess-optim bench: {e}", file=sys.stderr)
+        print(f"guess-optim bench: error: {e}", file=sys.stderr)
         return 2
     lines = target_lines(results["targets"])
     if lines:

@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 
 from .. import __version__
 from .._checks import check_choice, check_float, check_int
-from .._io import json_safe, write_json
+from .._io import ensure_writable_dir, json_safe, write_json
 from .._seeds import derive_seed
 from ..data import DATASETS, DatasetSplits, load_dataset, make_loaders
 from ..diagnostics import backprop_gradient, gradient_cosine, read_grads
@@ -62,6 +62,7 @@ __all__ = [
     "method_color",
     "method_label",
     "oracle_method",
+    "prepare_out_dir",
     "text_table",
     "train",
     "versions",
@@ -402,6 +403,22 @@ def versions() -> dict[str, str]:
     return {"guess_optim": __version__, "torch": torch.__version__, "numpy": np.__version__, "tqdm": tqdm.__version__,
             "python": sys.version.split()[0], "platform": platform.platform(),
             "torch_threads": str(torch.get_num_threads())}
+
+
+def prepare_out_dir(out_dir: str | os.PathLike | None) -> None:
+    """Create ``out_dir`` (with its parents) and check that files can be written there; every ``run_*`` calls it before
+    running, so that an unusable directory is reported at once instead of by :func:`finish`, after the run, with the
+    results lost. ``None`` (nothing written) passes.
+
+    Raises:
+        ValueError: ``out_dir`` is an existing file, cannot be created or is not writable (the message names it and
+            the reason).
+    """
+    if out_dir is not None:
+        try:
+            ensure_writable_dir(out_dir)
+        except ValueError as err:
+            raise ValueError(f"Invalid out_dir: {err}") from None
 
 
 def finish(

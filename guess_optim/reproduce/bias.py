@@ -45,6 +45,7 @@ from ._common import (
     method_color,
     method_label,
     oracle_method,
+    prepare_out_dir,
     text_table,
     train,
 )
@@ -207,6 +208,7 @@ def run_bias(config: BiasConfig, *, out_dir: str | os.PathLike | None = None, pr
     """
     from tqdm.auto import tqdm
 
+    prepare_out_dir(out_dir)
     started = time.perf_counter()
     splits = load(config)
 

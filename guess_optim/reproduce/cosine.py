@@ -34,6 +34,7 @@ from ._common import (
     mean_std,
     method_color,
     method_label,
+    prepare_out_dir,
     text_table,
 )
 
@@ -75,6 +76,7 @@ def run_cosine(config: CosineConfig, *, out_dir: str | os.PathLike | None = None
     """
     from tqdm.auto import tqdm
 
+    prepare_out_dir(out_dir)
     started = time.perf_counter()
     splits = load(config)
     model = make_mlp(splits, config.depth, config.width, derive_seed(config.seed, 0)).to(config.device)

@@ -29,6 +29,7 @@ from ._common import (
     mean_std,
     method_color,
     oracle_method,
+    prepare_out_dir,
     text_table,
     train,
     windowed_mean,
@@ -75,6 +76,7 @@ def run_downstream_depth(config: DownstreamDepthConfig, *, out_dir: str | os.Pat
         estimate with the true gradient, averaged over windows of ``measure_every`` steps and over seeds) and
         ``final`` (mean ± std over seeds of the final train and test accuracy and of the mean cosine).
     """
+    prepare_out_dir(out_dir)
     started = time.perf_counter()
     splits = load(config)
     steps = config.epochs * -(-len(splits.train) // config.batch_size)

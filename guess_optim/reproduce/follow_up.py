@@ -45,6 +45,7 @@ from ._common import (
     load,
     make_mlp,
     mean_std,
+    prepare_out_dir,
     text_table,
     train,
 )
@@ -173,6 +174,7 @@ def run_follow_up(config: FollowUpConfig, *, out_dir: str | os.PathLike | None =
     """
     from tqdm.auto import tqdm
 
+    prepare_out_dir(out_dir)
     started = time.perf_counter()
     variants = {v: parse_variant(v) for v in config.methods}
     results: dict[str, Any] = {"methods": {

@@ -37,6 +37,7 @@ from ._common import (
     method_color,
     method_label,
     oracle_method,
+    prepare_out_dir,
     text_table,
 )
 
@@ -121,6 +122,7 @@ def run_one_step(config: OneStepConfig, *, out_dir: str | os.PathLike | None = N
     """
     from tqdm.auto import tqdm
 
+    prepare_out_dir(out_dir)
     started = time.perf_counter()
     splits = load(config)
     model = make_mlp(splits, config.depth, config.width, derive_seed(config.seed, 0))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .._checks import check_int
+from .._io import ensure_writable_dir
 from .bias import BiasConfig, run_bias, summarize_bias
 from .cosine import CosineConfig, run_cosine, summarize_cosine
 from .downstream import DownstreamDepthConfig, run_downstream_depth, summarize_downstream_depth
@@ -174,8 +175,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         prog: the program name for usage and error messages (see :func:`build_parser`).
 
     Returns:
-        0 on success. Invalid flags exit with status 2 and a message naming the value (argparse, with the
-        experiment's usage).
+        0 on success. Invalid flags, and an ``--out-dir`` that cannot be created or written (checked before the run),
+        exit with status 2 and a message naming the value (argparse, with the experiment's usage).
     """
     parser, subparsers = _build_parser(prog)
     ns = parser.parse_args(argv)
@@ -186,6 +187,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         check_int("threads", ns.threads, low=1)
     except ValueError as err:
         sub.error(str(err))
+    try:  # now, not after the run: finish() writing into an unusable directory would lose the results
+        ensure_writable_dir(ns.out_dir)
+    except ValueError as err:
+        sub.error(f"--out-dir: {err}")
     torch.set_num_threads(ns.threads)
     record = exp.run(config, out_dir=ns.out_dir, progress=ns.progress)
     print(exp.summary(record))

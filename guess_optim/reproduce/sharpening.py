@@ -33,6 +33,7 @@ from ._common import (
     load,
     make_mlp,
     mean_std,
+    prepare_out_dir,
     text_table,
     train,
     windowed_mean,
@@ -93,6 +94,7 @@ def run_self_sharpening(config: SelfSharpeningConfig, *, out_dir: str | os.PathL
         and seeds, each in ``[1, min(shape)]``), ``layer_ranks`` (per Linear at the end, seed 0),
         ``train_acc``/``test_acc`` (in ``[0, 1]``) and the final ``summary`` values.
     """
+    prepare_out_dir(out_dir)
     started = time.perf_counter()
     splits = load(config)
     variants = [(f"wt p={p:g}", "wt", {"wt_power": float(p)}) for p in config.powers]

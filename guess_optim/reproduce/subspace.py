@@ -29,6 +29,7 @@ from ._common import (
     finish,
     load,
     make_mlp,
+    prepare_out_dir,
     text_table,
 )
 
@@ -109,6 +110,7 @@ def run_subspace(config: SubspaceConfig, *, out_dir: str | os.PathLike | None = 
     """
     from tqdm.auto import tqdm
 
+    prepare_out_dir(out_dir)
     started = time.perf_counter()
     splits = load(config)
     xs, ys = splits.train.tensors

@@ -28,6 +28,7 @@ from ._common import (
     make_mlp,
     method_color,
     method_label,
+    prepare_out_dir,
     text_table,
     train,
 )
@@ -69,6 +70,7 @@ def run_sweep(config: SweepConfig, *, out_dir: str | os.PathLike | None = None,
         after each epoch, in ``[0, 1]``); ``results["best"][method][optimizer]`` the best ``lr`` and its final train
         and test accuracy (ties go to the larger learning rate; a diverged run counts as accuracy -inf).
     """
+    prepare_out_dir(out_dir)
     started = time.perf_counter()
     splits = load(config)
     per_epoch = -(-len(splits.train) // config.batch_size)

@@ -31,6 +31,7 @@ from ._common import (
     mean_std,
     method_color,
     method_label,
+    prepare_out_dir,
     text_table,
     train,
 )
@@ -79,6 +80,7 @@ def run_table1(config: Table1Config, *, out_dir: str | os.PathLike | None = None
         The record; ``results[dataset]["DxW"][method]`` holds ``train``/``test`` (final accuracies per seed, in
         ``[0, 1]``), ``train_mean``/``train_std``/``test_mean``/``test_std`` and ``params`` (parameter count).
     """
+    prepare_out_dir(out_dir)
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for dataset in config.datasets:
