@@ -143,8 +143,9 @@ def attach(
     if combine == "project" and store != "activations":
         raise ValueError("combine='project' needs store='activations' (the Gram matrix of the guesses is formed "
                          "before the estimates; the recompute replay regenerates the guesses only then)")
-    if not isinstance(gradient_release, bool):
-        raise ValueError(f"Invalid gradient_release: {gradient_release!r}; expected a bool")
+    for flag, value in (("gradient_release", gradient_release), ("exact_head", exact_head)):
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid {flag}: {value!r}; expected a bool")
     if gradient_release:
         _check_release(model, on_nonfinite)
     if seed is None:

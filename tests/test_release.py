@@ -284,6 +284,7 @@ def test_non_finite_directional_derivatives_skip_every_parameter():
 # ------------------------------------------------------------------------------------------------------- refusals
 REFUSALS = [
     ({"gradient_release": "yes"}, ValueError, "Invalid gradient_release"),
+    ({"exact_head": "yes"}, ValueError, "Invalid exact_head"),
     ({"gradient_release": True, "on_nonfinite": "propagate"}, ValueError, "on_nonfinite='propagate' is refused"),
 ]
 
