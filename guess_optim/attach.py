@@ -213,6 +213,12 @@ def _check_model(model: nn.Module, head: nn.Module | None) -> None:
             f"this model is a submodule of a model that already has guessed gradients attached ({outer!r}): one "
             "attach per model (pass head= or freeze parameters to narrow what is guessed); remove that handle first"
         )
+    lazy = next((n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)), None)
+    if lazy is not None:
+        raise ValueError(
+            f"parameter {lazy!r} is not initialized yet (a lazy module, e.g. nn.LazyLinear): run one forward of the "
+            "model (e.g. under torch.no_grad()) to materialize it, then attach"
+        )
     if head is not None and not any(head is mod for mod in model.modules()):
         raise ValueError("head must be a submodule of the model")
     if not any(p.requires_grad for p in model.parameters()):

@@ -374,3 +374,14 @@ def test_nested_attach_is_refused():
         attach(model, "activation")
     with attach(model, "activation"):  # both removed: attaching again is fine
         model(torch.randn(2, 4)).sum().backward()
+
+
+def test_lazy_module_not_materialized_is_refused_at_attach():
+    model = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"'0.weight' is not initialized yet.*run one forward"):
+        attach(model, "activation")
+    with torch.no_grad():
+        model(torch.randn(2, 4))
+    with attach(model, "activation", seed=0):
+        model(torch.randn(2, 4)).sum().backward()
+    assert model[0].weight.grad is not None
