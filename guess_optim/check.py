@@ -224,7 +224,8 @@ def _compare(name: str, p: Tensor, g: Tensor | None, total: Tensor | None, squar
         status = "ok" if z <= Z_LIMIT else "biased"
     elif z <= Z_LIMIT:
         status = "ok"
-    elif mn ** 2 / variance <= Z_LIMIT:  # the average is indistinguishable from zero: only noise reached it
+    elif mn ** 2 / variance <= Z_LIMIT and abs(ratio) < 0.5:  # the average is indistinguishable from zero (and
+        # points nowhere near the gradient: a sign-flipped or scaled estimate is biased, not lost): only noise
         status = "tangent lost"
     else:
         status = "biased"

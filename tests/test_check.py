@@ -88,6 +88,15 @@ def test_a_wrong_forward_formula_is_flagged_as_biased():
     assert 1.5 < next(p for p in report.parameters if p.name == "fc1.weight").ratio < 2.5
 
 
+def test_a_sign_flipped_formula_is_biased_not_lost_even_when_noisy():
+    """With few guesses the average of a sign-flipped estimate may be within the noise of zero; it points against the
+    gradient (ratio about -1), so it is ``biased``, not ``tangent lost``."""
+    torch.manual_seed(0)
+    report = check(Net(scale=-1.0), batch(), F.cross_entropy, num_guesses=256)
+    fc1 = next(p for p in report.parameters if p.name == "fc1.weight")
+    assert fc1.status == "biased" and fc1.ratio < -0.5, str(report)
+
+
 def test_an_op_the_engine_cannot_see_is_flagged_as_no_estimate():
     torch.manual_seed(0)
     report = check(Net(hidden_outside=True), batch(), F.cross_entropy)
