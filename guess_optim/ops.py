@@ -604,7 +604,8 @@ class GuessingMode(TorchFunctionMode):
                     "known dim: guessed gradients need each example's values apart (dim 0 the batch; a sequence-first "
                     "tensor, e.g. nn.MultiheadAttention(batch_first=False), is the usual cause: use batch_first=True; "
                     "or an op before it took the batch's rows apart and put them together again, as torch.stack of "
-                    "h.unbind(0) reordered, diff(dim=0) or chunks of dim 0 swapped: keep examples apart)"
+                    "h.unbind(0) reordered, diff(dim=0) or chunks of dim 0 swapped: keep examples apart; or a packed "
+                    "sequence, nn.utils.rnn.pack_padded_sequence: run the RNN on the padded batch and mask instead)"
                 )
             first = not record.outputs  # the graph follows an op's first output
             u = step.draw_guess(o, b, name, node if first else None, edges if first else None)

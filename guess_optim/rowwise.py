@@ -162,6 +162,8 @@ def refuse_row_mixing(func: Any, args: tuple, kwargs: dict, rows_of: Callable[[A
         rows = rows_of(source) if isinstance(source, Tensor) else None
     if rows is None or rows.dim is None or not isinstance(target, Tensor):
         return
+    if not (target.is_floating_point() or target.is_complex()) and not writes:
+        return  # sorting the batch's lengths or labels moves no guess (an index it makes is checked where it is used)
     ndim, bdim = target.dim(), rows.dim
     if bdim >= ndim:
         return

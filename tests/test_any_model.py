@@ -1228,3 +1228,23 @@ def test_a_structured_guess_that_falls_back_to_isotropic_warns():
     model, (x, y) = _HiddenFromDiscovery(), data(batch=4)
     with attach(model, "wt", seed=0), pytest.warns(UserWarning, match=r"did not see the op-level guess point 'add\(p"):
         F.cross_entropy(model(x), y).backward()
+
+
+def test_packed_sequences_are_refused_naming_the_fix():
+    """Sorting the integer lengths moves no guess (no longer refused as a sort along the batch); the packed data then
+    loses the batch dim: refused, naming packed sequences and the fix."""
+    torch.manual_seed(0)
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.rnn, self.head = nn.Linear(3, 4), nn.GRU(4, 5, batch_first=True), nn.Linear(5, 2)
+
+        def forward(self, x, lengths):
+            packed = nn.utils.rnn.pack_padded_sequence(self.embed(x), lengths, batch_first=True, enforce_sorted=True)
+            _, h = self.rnn(packed)
+            return self.head(h[-1])
+
+    model, x = Packed(), torch.randn(3, 4, 3)
+    with attach(model, "activation", seed=0), pytest.raises(GuessingNotSupportedError, match="pack_padded_sequence"):
+        model(x, torch.tensor([4, 3, 2])).sum().backward()
