@@ -309,7 +309,9 @@ class GuessingStep:
                 f"guess point {self.handle.names[module]!r} returned shape {tuple(out.shape)} without the batch "
                 f"({self.rows} rows) on dim 0: guessed gradients need each example's values apart. A sequence-first "
                 "tensor is the usual cause (nn.MultiheadAttention(batch_first=False), an RNN without batch_first): "
-                "keep dim 0 the batch (batch_first=True)."
+                "keep dim 0 the batch (batch_first=True)"
+                + (". An unbatched input (one example, no batch dim) is another: give it one (x.unsqueeze(0))."
+                   if out.dim() <= 1 else ".")
             )
         return rows
 
