@@ -55,6 +55,18 @@ def check(model, run, method, guesses=None, **options):
     return compare(est, backprop(model, run), noise=noise)
 
 
+def estimates(model, run, method, **options):
+    """``{name: p.grad}`` after one guessed step of ``run(model)`` (a loss) with seed 0."""
+    with attach(model, method, seed=0, **options):
+        run(model).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same(a: dict, b: dict, rtol: float = 1e-10) -> None:
+    for n, g in a.items():
+        torch.testing.assert_close(b[n], g, rtol=rtol, atol=1e-12, msg=n)
+
+
 # --------------------------------------------------------------------------------------------- auxiliary outputs
 class AuxOutput(nn.Module):
     """Returns the logits and a hidden state; the loss regularises the hidden state."""
@@ -1078,14 +1090,9 @@ def test_recompute_equals_activations_with_an_op_level_guess_point_before_a_resi
     ``p`` differed from the forward's: a biased estimate (averaged ``mixing`` cosine to backprop -0.65 on ``o``)."""
     torch.manual_seed(0)
     model, (x, y) = _RawResidual(), data(batch=4)
-    grads = []
-    for store in ("activations", "recompute"):
-        m = copy.deepcopy(model)
-        with attach(m, method, seed=0, store=store, num_guesses=k):
-            F.cross_entropy(m(x), y).backward()
-        grads.append({n: p.grad for n, p in m.named_parameters()})
-    for n, g in grads[0].items():
-        torch.testing.assert_close(grads[1][n], g, rtol=1e-10, atol=1e-12, msg=n)
+    run = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    assert_same(*(estimates(copy.deepcopy(model), run, method, store=store, num_guesses=k)
+                  for store in ("activations", "recompute")))
 
 
 class _LossInside(nn.Module):
@@ -1171,13 +1178,8 @@ def test_per_example_jacobian_of_a_next_module_fed_folded_rows(method):
     plain, folded = _Folded(False), _Folded(True)
     folded.load_state_dict(plain.state_dict())
     x, y = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 2])
-    grads = []
-    for m in (plain, folded):
-        with attach(m, method, seed=0):
-            F.cross_entropy(m(x), y).backward()
-        grads.append({n: p.grad for n, p in m.named_parameters()})
-    for n, g in grads[0].items():
-        torch.testing.assert_close(grads[1][n], g, rtol=1e-9, atol=1e-12, msg=n)
+    run = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    assert_same(estimates(plain, run, method), estimates(folded, run, method), rtol=1e-9)
 
 
 class _PromptIntoLinear(nn.Module):
