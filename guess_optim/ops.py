@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from ._rng import capture_rng, cuda_devices
 from .contexts import primal
 from .errors import GuessingNotSupportedError
 from .graph import out_of_place
@@ -535,7 +536,17 @@ class GuessingMode(TorchFunctionMode):
         if not rowed or any(r.dim is None or leaves[i].shape[r.dim] != n * r.fold for i, r in rowed.items()):
             return None
         first = next(iter(rowed))
+        before = capture_rng(cuda_devices(leaves))
         out = func(*args, **kwargs)
+        after = capture_rng(cuda_devices(leaves))
+        if not torch.equal(before["cpu"], after["cpu"]) or any(
+                not torch.equal(s, after["cuda"][i]) for i, s in before["cuda"].items()):
+            # a random op (attention dropout): one call per block would draw other masks than the output's; the
+            # blocks share one V instead, drawn as if this call had not happened (as the recompute replay draws)
+            torch.set_rng_state(before["cpu"])
+            for i, state in before["cuda"].items():
+                torch.cuda.set_rng_state(state, i)
+            return None
         outs, out_spec = tree_flatten(out)
         out_rows = {}
         for i, o in enumerate(outs):
@@ -585,10 +596,12 @@ class GuessingMode(TorchFunctionMode):
                             ((before, *args[1:]) if before is not None else args, oop_kwargs))
         run_args, run_kwargs = tree_map(lambda a: values.get(id(a), a) if isinstance(a, Tensor) else a,
                                         (args, kwargs))
+        rng = capture_rng(cuda_devices(sources))  # its estimate re-runs the op: on the same dropout masks
         out = func(*run_args, **run_kwargs)
         leaves, spec = tree_flatten(out)
         record = OpRecord(None, {}, (), func=fn, args=template[0], kwargs=template[1], sources=sources,
-                          source_params=[(t,) if id(t) in step.trainable else tracker.derived(t) for t in sources])
+                          source_params=[(t,) if id(t) in step.trainable else tracker.derived(t) for t in sources],
+                          rng=rng)
         node, edges = step.op_site(func, tuple(dict.fromkeys(id(p) for ps in record.source_params for p in ps)))
         graph = step.graph
         padding = _embedding_padding(func, args, kwargs)  # its padding positions get no guess (guesses.zero_padding)

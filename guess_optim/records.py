@@ -6,6 +6,7 @@ derivatives ``[N]``, ``∂L/∂z`` repeated to ``N`` rows (``grad_rep``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ._rng import replayed_rng
 from .contexts import own_autograd
 from .graph import Edge
 from .local_grad import Internal, local_vjp
@@ -178,6 +180,7 @@ class OpRecord(Record):
     outputs: list[int] = field(default_factory=list)  # which leaves of the op's output got a guess
     guesses: list[Tensor] = field(default_factory=list)
     rows: list[tuple[int, int]] = field(default_factory=list)
+    rng: dict | None = None  # the global RNG as the op found it: re-run on the same dropout masks (attention dropout)
 
     def estimate(self, d: Tensor, grad_rep: Tensor, k: int, internal: Internal) -> dict[str, Tensor]:
         scale = d / k if k > 1 else d
@@ -185,7 +188,9 @@ class OpRecord(Record):
         args, kwargs = tree_map(lambda a: leaves[a.index] if isinstance(a, Slot) else a, (self.args, self.kwargs))
         keys = {id(p): key for key, p in self.params.items()}
         out: dict[str, Tensor] = {}
-        with internal(), own_autograd():
+        # the op's random draws (nn.MultiheadAttention's attention dropout) as in the forward, and the global RNG
+        # left as it was (the recompute replay forms this estimate mid-forward: later dropouts must draw as before)
+        with internal(), own_autograd(), replayed_rng(self.rng) if self.rng is not None else contextlib.nullcontext():
             flat = tree_flatten(self.func(*args, **kwargs))[0]
             grads = torch.autograd.grad([flat[i] for i in self.outputs], leaves,
                                         [u * along(scale, r, u) for u, r in zip(self.guesses, self.rows, strict=True)],

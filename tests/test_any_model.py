@@ -1250,3 +1250,41 @@ def test_packed_sequences_are_refused_naming_the_fix():
     model, x = Packed(), torch.randn(3, 4, 3)
     with attach(model, "activation", seed=0), pytest.raises(GuessingNotSupportedError, match="pack_padded_sequence"):
         model(x, torch.tensor([4, 3, 2])).sum().backward()
+
+
+class _AttentionDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha, self.head = nn.MultiheadAttention(4, 1, dropout=0.5, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.mha(x, x, x, need_weights=False)[0][:, 0])
+
+
+def test_attention_dropout_inside_an_op_level_guess_point():
+    """``nn.MultiheadAttention``'s estimate re-runs its op: it drew other attention dropout masks than the forward's
+    (averaged ``in_proj_weight`` ratio 0.22 to backprop under the same masks), and under ``store="recompute"`` it
+    moved the global RNG mid-replay (later dropouts drew other masks). Now re-run on the forward's RNG state."""
+    torch.manual_seed(0)
+    model = _AttentionDropout()
+    x, y = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1])
+    steps = 1000
+    torch.manual_seed(5)  # the same masks in every forward
+    names = [n for n, _ in model.named_parameters()]
+    ref = dict(zip(names, torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())), strict=True))
+    mean = {n: torch.zeros_like(g) for n, g in ref.items()}
+    with attach(model, "activation", seed=0):
+        for _ in range(steps):
+            model.zero_grad()
+            torch.manual_seed(5)
+            F.cross_entropy(model(x), y).backward()
+            for n, p in model.named_parameters():
+                mean[n] += p.grad / steps
+    weights = ("mha.in_proj_weight", "mha.out_proj.weight")
+    compare({n: mean[n] for n in weights}, {n: ref[n] for n in weights}, cosine=0.95, ratio=(0.9, 1.1))
+    run = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    grads = []
+    for store in ("activations", "recompute"):
+        torch.manual_seed(7)
+        grads.append(estimates(copy.deepcopy(model), run, "wt", store=store))
+    assert_same(*grads)
