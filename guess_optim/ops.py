@@ -21,6 +21,7 @@ error, not noise in every layer before it.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -235,6 +236,45 @@ def _contraction_places(func: Any, args: tuple, kwargs: dict, tracker: Tracker) 
     return None
 
 
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+
+
+def _dropout_args(func: Any, args: tuple, kwargs: dict) -> tuple[float, bool]:
+    """``(p, training)`` of an ``F.dropout``-family call."""
+    p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+    training = kwargs.get("training", args[2] if len(args) > 2 else True)
+    return float(p), bool(training)
+
+
+def _sdpa_dropout(args: tuple, kwargs: dict) -> float:
+    return float(kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0))
+
+
+def _refuse_dropout_inside(func: Any, args: tuple, kwargs: dict, k: int) -> None:
+    """With ``num_guesses=K``, an op that draws dropout inside itself (attention dropout of ``nn.MultiheadAttention``,
+    alpha dropout, ``F.scaled_dot_product_attention`` reading parameters) draws other masks for each copy of the batch,
+    while every copy shares the first copy's loss gradient: a biased estimate. Refused, naming the fix
+    (``F.scaled_dot_product_attention``'s on activations is shared instead: :meth:`GuessingMode._tiled_attention`)."""
+    name = _name(func)
+    if name == "scaled_dot_product_attention":  # (reading parameters: an op-level guess point, not shared)
+        p = _sdpa_dropout(args, kwargs)
+    elif func is F.multi_head_attention_forward:
+        p = kwargs.get("dropout_p", args[10] if len(args) > 10 else 0.0)
+        p = p if kwargs.get("training", args[13] if len(args) > 13 else True) else 0.0
+    elif func in (F.alpha_dropout, F.feature_alpha_dropout):
+        p, training = _dropout_args(func, args, kwargs)
+        p = p if training else 0.0
+    else:
+        return
+    if p:
+        raise GuessingNotSupportedError(
+            f"{name!r} draws dropout (p={p}) inside itself with num_guesses={k}: each copy of the batch would draw its "
+            "own mask while all share the first copy's loss gradient (a biased estimate). Use num_guesses=1 (average "
+            "guesses over steps), or set that dropout to 0 while guessing (F.dropout and "
+            "F.scaled_dot_product_attention's dropout_p are shared by the K copies)."
+        )
+
+
 def _dims(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list[Any]:
     return [args[1 + i] if len(args) > 1 + i else kwargs.get(n) for i, n in enumerate(names)]
 
@@ -307,6 +347,20 @@ class GuessingMode(TorchFunctionMode):
         if batch_in:
             refuse_row_mixing(func, args, kwargs, lambda t: (tracker.batch(t) or (None,))[0], step.k,
                               self._batchnorm_owner)
+            # (before a guess point too: copies drawing other masks would carry other values into the guesses)
+            if step.k > 1 and func in _DROPOUTS and not params:
+                p, training = _dropout_args(func, args, kwargs)
+                if training and p > 0:
+                    out = self._tiled_dropout(func, args, kwargs, rows)
+                    self._propagate(func, args, kwargs, out, rows, shape, hot)
+                    return out
+            if step.k > 1 and not params and _name(func) == "scaled_dot_product_attention" and _sdpa_dropout(
+                    args, kwargs):
+                out = self._tiled_attention(args, kwargs, rows)
+                self._propagate(func, args, kwargs, out, rows, shape, hot)
+                return out
+            if step.k > 1 and not step.replaying:
+                _refuse_dropout_inside(func, args, kwargs, step.k)
         if params and func in _EMBEDDINGS and _embedding_scales_by_frequency(func, args, kwargs):
             raise GuessingNotSupportedError(
                 "embedding with scale_grad_by_freq=True: its gradient divides by each token's count in the batch, "
@@ -339,6 +393,48 @@ class GuessingMode(TorchFunctionMode):
                 self._propagate(func, args, kwargs, out, rows, shape, False)
             return out
         return self._guess_point(func, args, kwargs, params, rows, shape)
+
+    def _tiled_dropout(self, func, args, kwargs, rows: Rows) -> Tensor:
+        """Dropout with ``num_guesses=K``: the first copy of the batch draws its mask and the ``K`` copies share it, so
+        every copy's directional derivative is taken through the very mask of the output the loss sees (the head's
+        output is cut back to the first copy): the average estimates the gradient for that mask, as with ``K = 1``.
+        (Drawn independently per copy, the copies' tangents went through other masks than the loss's: biased.)"""
+        x = args[0] if args else kwargs["input"]
+        if rows.dim is None or rows.fold != 1 or x.shape[rows.dim] != self.step.rows:
+            raise GuessingNotSupportedError(
+                f"{_name(func)!r} with num_guesses={self.step.k} on a tensor whose batch rows the engine cannot tell "
+                f"apart (shape {tuple(x.shape)}): the K copies of the batch would draw different dropout masks while "
+                "sharing the first copy's loss gradient (a biased estimate). Use num_guesses=1, or apply the dropout "
+                "with the batch on a dim of its own."
+            )
+        first = primal(x).narrow(rows.dim, 0, self.step.batch)
+        p, training = _dropout_args(func, args, kwargs)
+        mask = func(torch.ones_like(first), p, training)  # kept / (1 - p), or 0
+        reps = [1] * x.dim()
+        reps[rows.dim] = self.step.k
+        return x * mask.repeat(*reps)
+
+    def _tiled_attention(self, args: tuple, kwargs: dict, rows: Rows) -> Tensor:
+        """``F.scaled_dot_product_attention`` with ``dropout_p > 0`` and ``num_guesses=K``, as the math backend computes
+        it (``softmax(q kᵀ · scale + mask)``, dropout, ``@ v``), with the attention dropout shared by the ``K`` copies
+        of the batch (:meth:`_tiled_dropout`)."""
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        given = dict(zip(names, args, strict=False)) | kwargs
+        q, k, v = given["query"], given["key"], given["value"]
+        mask, causal, scale = given.get("attn_mask"), given.get("is_causal", False), given.get("scale")
+        if given.get("enable_gqa", False) and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+        scores = q @ k.transpose(-2, -1) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+        if causal:
+            keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        if mask is not None:
+            mask = primal(mask)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = torch.softmax(scores, -1)
+        weights = self._tiled_dropout(F.dropout, (weights, float(given["dropout_p"]), True), {}, rows)
+        return weights @ v
 
     def _batchnorm_owner(self, args: tuple, kwargs: dict) -> str | None:
         """The module whose running statistics or affine parameters a refused ``batch_norm`` call reads: its name and

@@ -1288,3 +1288,42 @@ def test_attention_dropout_inside_an_op_level_guess_point():
         torch.manual_seed(7)
         grads.append(estimates(copy.deepcopy(model), run, "wt", store=store))
     assert_same(*grads)
+
+
+class _Dropped(nn.Module):
+    def __init__(self, attention: bool = False):
+        super().__init__()
+        self.a, self.b, self.drop, self.attention = nn.Linear(5, 6), nn.Linear(6, 3), nn.Dropout(0.5), attention
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.attention:
+            q = h[:, None]
+            h = F.scaled_dot_product_attention(q, q, q, dropout_p=0.3)[:, 0]
+        return self.b(self.drop(h))
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_dropout_with_many_guesses_shares_the_first_copys_mask(attention):
+    """With ``num_guesses=K`` the batch is repeated ``K`` times but the loss sees the first copy only: each copy drew
+    its own dropout mask, so its tangent went through another mask than the loss's (a biased average, ratio 0.54).
+    The copies now share the first copy's mask (``F.dropout``, and the attention dropout of
+    ``F.scaled_dot_product_attention``), which is the mask a plain forward draws under the same seed: the average
+    matches backprop under that seed. Dropout inside ``nn.MultiheadAttention`` with ``K > 1`` is refused."""
+    torch.manual_seed(0)
+    model, (x, y) = _Dropped(attention), data(batch=4)
+    names = [n for n, _ in model.named_parameters()]
+    torch.manual_seed(5)
+    ref = dict(zip(names, torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())), strict=True))
+    mean, steps = dict.fromkeys(names, 0.0), 20
+    with attach(model, "activation", seed=0, num_guesses=1000):
+        for _ in range(steps):
+            model.zero_grad()
+            torch.manual_seed(5)
+            F.cross_entropy(model(x), y).backward()
+            mean = {n: mean[n] + p.grad / steps for n, p in model.named_parameters()}
+    compare(mean, ref)
+    mha = _AttentionDropout()
+    with attach(mha, "activation", seed=0, num_guesses=2), pytest.raises(GuessingNotSupportedError,
+                                                                          match="draws dropout.*num_guesses=1"):
+        F.cross_entropy(mha(torch.randn(2, 3, 4)), torch.tensor([0, 1])).backward()
