@@ -208,7 +208,12 @@ def whitening_weights(s: Tensor, sigma: float, clip: float | None = None) -> Ten
 
 
 def filtered_guess(V: Tensor, w: Tensor, generator: torch.Generator, repeat: int = 1) -> Tensor:
-    """``u_b = V_b diag(w_b) η_b`` with ``η_b ~ N(0, I_r)``: ``E[u_b u_bᵀ] = V_b diag(w_b²) V_bᵀ``. No rescaling.
+    """``u_b = V_b diag(w_b) V_bᵀ ξ_b`` with ``ξ_b ~ N(0, I_n)``: ``E[u_b u_bᵀ] = V_b diag(w_b²) V_bᵀ``. No rescaling.
+
+    Drawn in the ambient space (``V_bᵀ ξ_b ~ N(0, I_r)``), not as ``V_b diag(w_b) η_b``: the guess is then a function
+    of the filter ``V diag(w) Vᵀ`` alone, which does not depend on the basis ``eigh`` picks inside a (near-)degenerate
+    singular subspace. A basis that moved with roundoff-level changes of ``J`` (the ``store="recompute"`` replay
+    computes it again) gave the replay another guess than the forward's: a wrong estimate.
 
     Args:
         V: ``[B, n, r]``; w: ``[B, r]``.
@@ -220,9 +225,10 @@ def filtered_guess(V: Tensor, w: Tensor, generator: torch.Generator, repeat: int
         ``[repeat * B, n]``.
     """
     B, n, r = V.shape
-    eta = torch.randn((repeat, B, r), generator=generator, dtype=V.dtype, device=V.device)
-    # one [n, r] x [r, repeat] product per matrix: a broadcast V[None] @ ... would copy V repeat times (8.6 GB for
-    # 512 matrices of 128 x 128 and num_guesses=256)
+    xi = torch.randn((repeat, B, n), generator=generator, dtype=V.dtype, device=V.device)
+    # one [n, r] x [r, repeat] product per matrix (and its transpose): a broadcast V[None] @ ... would copy V repeat
+    # times (8.6 GB for 512 matrices of 128 x 128 and num_guesses=256)
+    eta = (V.mT @ xi.permute(1, 2, 0)).permute(2, 0, 1)  # [repeat, B, r]
     return (V @ (w[None] * eta).permute(1, 2, 0)).permute(2, 0, 1).reshape(repeat * B, n)
 
 
