@@ -294,7 +294,8 @@ def upstream_jacobian(leaf: Tensor, outputs: list[Tensor], lifts: list[Tensor | 
             raise GraphError(
                 f"the per-example Jacobian of a guess point's next modules needs their inputs with the batch's {n} "
                 f"rows on dim 0, but one has shape {tuple(x.shape)} (an op between moved the batch, e.g. a "
-                "sequence-first transpose): use method='wt' or 'activation' for this model"
+                "sequence-first transpose, as inside nn.MultiheadAttention): use method='wt' or 'activation' for "
+                "this model"
             )
         else:
             seen[id(x)] = x

@@ -44,7 +44,8 @@ class Mixing(Estimator):
             raise GraphError(
                 f"mixing at {site.name!r}: the post-activation feeding a next module has shape {tuple(moved.shape)}, "
                 f"whose dim 0 is not the batch's {n} rows (an op between moved it, e.g. h.t() or a sequence-first "
-                "transpose): mixing combines the examples' post-activations row by row. Use method='wt' or "
+                "transpose, as inside nn.MultiheadAttention): mixing combines the examples' post-activations row by "
+                "row. Use method='wt' or "
                 "'activation' for this model, or keep the batch on dim 0 up to the next module."
             )
         return mixing_guess(targets, pullback, site.generator, site.num_guesses)
