@@ -174,6 +174,9 @@ class Tracker:
         name = _name(func)
         if name in _PERMUTES or func in _TRANSPOSE_GETTERS or name in ("t", "t_", "permute", "movedim", "moveaxis"):
             return Rows(_permuted(name, func, args, kwargs, dim, len(shape)), 1) if fold == 1 else UNKNOWN
+        if name in ("unsqueeze", "unsqueeze_", "squeeze", "squeeze_") and fold == 1:
+            moved = _squeezed(name, args, kwargs, dim, shape, out)
+            return Rows(moved, 1) if moved is not None and out.shape[moved] == n else UNKNOWN
         if fold > 1 or dim == 0:
             if dim == 0 and out.shape[0] == n * fold:
                 return Rows(0, fold)
@@ -273,6 +276,18 @@ def _refuse_dropout_inside(func: Any, args: tuple, kwargs: dict, k: int) -> None
             "guesses over steps), or set that dropout to 0 while guessing (F.dropout and "
             "F.scaled_dot_product_attention's dropout_p are shared by the K copies)."
         )
+
+
+def _squeezed(name: str, args: tuple, kwargs: dict, bdim: int, shape: torch.Size, out: Tensor) -> int | None:
+    """Where the rows' dim ``bdim`` of a tensor of ``shape`` lands after ``unsqueeze``/``squeeze``."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if name.startswith("unsqueeze"):
+        if not isinstance(dim, int):
+            return None
+        return bdim + (dim % out.dim() <= bdim)
+    dims = range(len(shape)) if dim is None else [dim] if isinstance(dim, int) else list(dim)
+    removed = {d % len(shape) for d in dims if shape[d] == 1} if len(shape) else set()
+    return None if bdim in removed else bdim - sum(d < bdim for d in removed)
 
 
 def _dims(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list[Any]:

@@ -312,6 +312,9 @@ class GuessingStep:
                 "keep dim 0 the batch (batch_first=True)"
                 + (". An unbatched input (one example, no batch dim) is another: give it one (x.unsqueeze(0))."
                    if out.dim() <= 1 else ".")
+                + (f" With exact_head=True (or method {self.estimator.name!r}) every guess point needs the batch on "
+                   "dim 0; the batch is on another dim here, which the other methods follow."
+                   if self.handle.exact_head and rows.dim is not None and rows.dim != 0 else "")
             )
         return rows
 

@@ -1327,3 +1327,19 @@ def test_dropout_with_many_guesses_shares_the_first_copys_mask(attention):
     with attach(mha, "activation", seed=0, num_guesses=2), pytest.raises(GuessingNotSupportedError,
                                                                           match="draws dropout.*num_guesses=1"):
         F.cross_entropy(mha(torch.randn(2, 3, 4)), torch.tensor([0, 1])).backward()
+
+
+class _Unsqueezed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)).unsqueeze(0)).squeeze(0)))
+
+
+def test_rows_followed_through_unsqueeze_and_squeeze():
+    """``b(h.unsqueeze(0)).squeeze(0)`` was refused ("without the batch on dim 0"): the rows move to dim 1 and back."""
+    torch.manual_seed(0)
+    model, (x, y) = _Unsqueezed(), data(batch=4)
+    check(model, lambda m: F.cross_entropy(m(x), y), "activation")
