@@ -268,6 +268,20 @@ class _Tracer(TorchFunctionMode):
             node = graph.op_nodes[(key, n)] = OpNode((key, n), f"{_op_name(func)}({params})" + (f"#{n}" if n else ""))
             graph.names[node] = node.name
         fn, fn_kwargs, _ = out_of_place(func, kwargs)
+        if self._bias_add(func, leaves, followed):
+            # a bias added as its own op (h @ W.T + b): its own guess point, and transparent to the nodes before it,
+            # whose next modules lie beyond it (as for an nn.Linear, whose bias is inside the layer)
+            t = followed[0]
+            template = self._template({id(t): _SLOT}, {id(x): x.detach() for x in leaves if isinstance(x, Tensor)})
+            # (a bias computed from parameters is captured by value: valid for this step only)
+            captured = any(isinstance(x, Tensor) and x is not t and id(x) not in self.constants for x in leaves)
+            through = {origin: chain.extend(fn, *tree_map(template, (args, fn_kwargs)), captured=captured)
+                       for origin, chain in self.origins(t).items()}
+            out = func(*args, **kwargs)
+            graph.edges.setdefault(node, [])
+            graph.calls[node] = graph.calls.get(node, 0) + 1
+            self.track(out, {**through, node: Chain()})
+            return out
         for origin in {o for t in followed for o in self.origins(t)}:
             mine = [t for t in followed if origin in self.origins(t)]
             slots = {id(t): _SLOT for t in mine}
@@ -287,6 +301,17 @@ class _Tracer(TorchFunctionMode):
         if first is not None:
             self.track(first, {node: Chain()})
         return out
+
+    def _bias_add(self, func: Any, leaves: list, followed: list[Tensor]) -> bool:
+        """``h + b`` (or ``b + h``, ``h - b``): one followed tensor and parameters broadcast along it."""
+        if _op_name(func) not in _BIAS_OPS or len(followed) != 1:
+            return False
+        t = followed[0]
+        others = [x for x in leaves if isinstance(x, Tensor) and x is not t]
+        return bool(others) and all(  # broadcast along the batch (also at batch size 1)
+            (id(x) in self.constants or self._is_derived(x))
+            and (x.dim() < t.dim() or x.numel() < t.numel() or (x.dim() == t.dim() and x.shape[0] == 1))
+            for x in others)
 
     def _template(self, slots: dict[int, Any], snapshot: dict[int, Tensor]) -> Callable[[Any], Any]:
         def template(a):
@@ -357,6 +382,9 @@ class _Tracer(TorchFunctionMode):
                 self.track(o, {origin: Chain(((pick, (_Sub(chain),), {}),), chain.volatile)
                                for origin, chain in merged.items()})
         return out
+
+
+_BIAS_OPS = {"add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "sub_", "__isub__"}
 
 
 def _constant_of(func: Any) -> bool:

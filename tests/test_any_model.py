@@ -1343,3 +1343,36 @@ def test_rows_followed_through_unsqueeze_and_squeeze():
     torch.manual_seed(0)
     model, (x, y) = _Unsqueezed(), data(batch=4)
     check(model, lambda m: F.cross_entropy(m(x), y), "activation")
+
+
+class _BiasApart(nn.Module):
+    """``h @ W.T + b`` (the bias added as its own op) or the same layer as an ``nn.Linear``."""
+
+    def __init__(self, apart: bool):
+        super().__init__()
+        self.a, self.b, self.out, self.apart = nn.Linear(12, 8), nn.Linear(8, 6), nn.Linear(6, 3), apart
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        z = h @ self.b.weight.T + self.b.bias if self.apart else self.b(h)
+        return self.out(F.relu(z))
+
+
+@pytest.mark.parametrize("method", ["downstream", "self-sharpening"])
+def test_a_bias_added_as_its_own_op_is_transparent_to_structured_guesses(method):
+    """``a``'s ``downstream`` guess is pulled back from the post-activation ``relu(z)`` of the next layer: it lies in
+    the row space of ``D_relu W_b`` (batch 1). With the bias added as its own op, the graph ended at that add (the
+    ReLU mask lost: residual 0.9 outside the row space); the add is now a guess point of its own and transparent."""
+    torch.manual_seed(0)
+    model = _BiasApart(apart=True)
+    x, y = torch.randn(1, 12, generator=torch.Generator().manual_seed(0)), torch.tensor([1])
+    h = torch.tanh(model.a(x))
+    z = model.b(h)[0]
+    jac = (z > 0).to(z.dtype)[:, None] * model.b.weight
+    rows = torch.linalg.pinv(jac) @ jac
+    for seed in range(3):
+        model.zero_grad()
+        with attach(model, method, seed=seed):
+            F.cross_entropy(model(x), y).backward()
+        v = model.a.bias.grad / (1 - h[0] ** 2)
+        assert (v - rows @ v).norm() < 1e-9 * v.norm()
