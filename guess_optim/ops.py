@@ -240,6 +240,9 @@ def _contraction_places(func: Any, args: tuple, kwargs: dict, tracker: Tracker) 
 
 
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+_RANDOM = {"rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "bernoulli", "bernoulli_", "normal",
+           "normal_", "uniform_", "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "multinomial",
+           "poisson"}
 
 
 def _dropout_args(func: Any, args: tuple, kwargs: dict) -> tuple[float, bool]:
@@ -329,6 +332,8 @@ class GuessingMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         step = self.step
+        if step.k > 1 and not step.closed and not step.handle._internal and _name(func) in _RANDOM:
+            return self._shared_draw(func, args, kwargs)
         if not torch.is_grad_enabled():  # the model's own no_grad region: constants, as in backprop
             args, kwargs = tree_map(primal, (args, kwargs))
             out = func(*args, **kwargs)
@@ -408,6 +413,19 @@ class GuessingMode(TorchFunctionMode):
                 self._propagate(func, args, kwargs, out, rows, shape, False)
             return out
         return self._guess_point(func, args, kwargs, params, rows, shape)
+
+    def _shared_draw(self, func, args, kwargs) -> Any:
+        """A random draw with one row per example of the repeated batch (``torch.rand(N, 1, 1, 1)``, ``bernoulli_``:
+        stochastic depth, noise injection) with ``num_guesses=K``: the ``K`` copies get the first copy's values (what
+        a plain forward draws under the same seed), as for dropout (:meth:`_tiled_dropout`)."""
+        out = func(*args, **kwargs)
+        n, b = self.step.rows, self.step.batch
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, Tensor) and o.dim() and o.shape[0] == n:
+                with torch.no_grad():
+                    first = primal(o)[:b]
+                    primal(o)[b:].copy_(first.repeat(self.step.k - 1, *([1] * (o.dim() - 1))))
+        return out
 
     def _tiled_dropout(self, func, args, kwargs, rows: Rows) -> Tensor:
         """Dropout with ``num_guesses=K``: the first copy of the batch draws its mask and the ``K`` copies share it, so

@@ -1376,3 +1376,39 @@ def test_a_bias_added_as_its_own_op_is_transparent_to_structured_guesses(method)
             F.cross_entropy(model(x), y).backward()
         v = model.a.bias.grad / (1 - h[0] ** 2)
         assert (v - rows @ v).norm() < 1e-9 * v.norm()
+
+
+class _Noisy(nn.Module):
+    """Stochastic depth by row (``torchvision.ops.stochastic_depth``'s draw) and Gaussian noise injection."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        keep = torch.empty(h.shape[0], 1).bernoulli_(0.5) / 0.5
+        h = h + keep * torch.tanh(self.b(h))
+        return self.c(h + 0.3 * torch.randn_like(h))
+
+
+def test_random_draws_per_example_are_shared_by_the_copies_of_many_guesses():
+    """With ``num_guesses=K`` a draw with one row per example (stochastic depth, noise injection) gave each copy of
+    the batch its own values while all shared the first copy's loss gradient: biased (ratio 0.46 on ``b.weight``).
+    The copies now share the first copy's draw; the reference is backprop of the first copy's loss on the batch
+    repeated ``K`` times, under the same seed (the same draws)."""
+    torch.manual_seed(0)
+    model, (x, y) = _Noisy(), data(batch=4)
+    k, steps = 1000, 20
+    names = [n for n, _ in model.named_parameters()]
+    torch.manual_seed(5)
+    loss = F.cross_entropy(model(x.repeat(k, 1))[: len(y)], y)
+    ref = dict(zip(names, torch.autograd.grad(loss, list(model.parameters())), strict=True))
+    mean = dict.fromkeys(names, 0.0)
+    with attach(model, "activation", seed=0, num_guesses=k):
+        for _ in range(steps):
+            model.zero_grad()
+            torch.manual_seed(5)
+            F.cross_entropy(model(x), y).backward()
+            mean = {n: mean[n] + p.grad / steps for n, p in model.named_parameters()}
+    compare(mean, ref, ratio=(0.85, 1.15))
