@@ -759,12 +759,13 @@ class GuessingMode(TorchFunctionMode):
                 tracker.mark(o, b, False)
                 continue
             if inplace and i == 0 and o is args[0]:
-                o.add_(fwAD.make_dual(torch.zeros_like(primal(o)), u.to(o.dtype)))  # the caller's tensor itself
+                o.add_(fwAD.make_dual(torch.zeros_like(primal(o)), u.to(o.dtype, copy=True)))  # the caller's tensor
             else:
                 value, tangent = fwAD.unpack_dual(o)
                 value = value.detach() if tangent is not None else value
                 value = value.contiguous() if 0 in value.stride() else value
-                leaves[i] = fwAD.make_dual(value, (u if tangent is None else tangent + u).to(value.dtype))
+                # (a copy of the kept guess: an in-place op after it updates the tangent in place)
+                leaves[i] = fwAD.make_dual(value, (u.clone() if tangent is None else tangent + u).to(value.dtype))
             tracker.mark(leaves[i], b, True)
         record.params = {str(j): p for j, p in enumerate(dict.fromkeys(p for ps in record.source_params for p in ps))}
         if node is not None:

@@ -191,7 +191,7 @@ class GuessingStep:
             u = isotropic_guess(t, self.handle.generator(t.device))
             self.add_record(InputRecord(None, {"input": source}, (), guess=u))
             if not self.replaying:
-                leaves[i] = self.tracker.mark(fwAD.make_dual(t, u.to(t.dtype)), Rows(), True)
+                leaves[i] = self.tracker.mark(fwAD.make_dual(t, u.to(t.dtype, copy=True)), Rows(), True)
         return tree_unflatten(leaves, spec)
 
     def add_record(self, record: Record, guessed: bool = True) -> None:
@@ -290,7 +290,12 @@ class GuessingStep:
             return copied if self.replaying else self.tracker.mark(output, rows, True)
         if 0 in out.stride():  # a broadcast view (PromptTokens): a dual tensor needs its own memory
             out = out.contiguous()
-        new_tangent = contribution if tangent is None else tangent + contribution
+        # its own memory: an in-place op after the guess point (Hardswish(inplace=True), Dropout(inplace=True))
+        # updates the tangent in place, which must not change the guess the record keeps
+        if tangent is None:
+            new_tangent = contribution.clone() if getattr(record, "guess", None) is contribution else contribution
+        else:
+            new_tangent = tangent + contribution
         return self.tracker.mark(fwAD.make_dual(out, new_tangent.to(out.dtype)), rows, True)
 
     def _rows(self, module: nn.Module, args: tuple, out: Tensor) -> Rows:
