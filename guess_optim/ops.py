@@ -182,13 +182,10 @@ class Tracker:
                 return Rows(0, fold)
             if out.shape[0] == n:
                 return Rows(0, 1)
-            if dim == 0 and name in _RESHAPES and out.shape[0] % (n * fold) == 0:
-                more, size = out.shape[0] // (n * fold), 1
-                for s in shape[1:]:  # leading dims merged into the rows: x.view(-1, D) of [B, L, D]
-                    size *= s
-                    if size >= more:
-                        break
-                return Rows(0, fold * more) if size == more else UNKNOWN
+            if dim == 0 and name in _RESHAPES and out.shape[0] % n == 0:
+                # a reshape keeps the row-major order, so each example's values stay one block of out.shape[0] / n
+                # rows: x.view(-1, D) of [B, L, D], windows x.reshape(B * w, L // w, D)
+                return Rows(0, out.shape[0] // n)
             return UNKNOWN
         if out.dim() == len(shape) and out.shape[dim] == n:
             return Rows(dim, 1)

@@ -1430,3 +1430,25 @@ def test_an_in_place_op_after_a_guess_point_leaves_its_kept_guess_alone(inplace,
         torch.manual_seed(3)  # the same dropout mask
         grads.append(estimates(copy.deepcopy(model), run, method, store=store))
     assert_same(*grads)
+
+
+class _Windows(nn.Module):
+    """Tokens folded into windows along dim 0 (``x.reshape(B * w, L // w, C)``, as Swin does), a Linear, unfolded."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # x: [B, 4, 4]
+        b, length, c = x.shape
+        h = torch.tanh(self.a(x.reshape(b * 2, length // 2, c))).reshape(b, length, c)
+        return self.head(h.mean(1))
+
+
+def test_rows_folded_into_windows_by_a_reshape():
+    """A reshape that splits the tokens into windows along dim 0 was taken for losing the batch (only merging whole
+    leading dims was followed): each example's values stay one block of rows, so it is followed now."""
+    torch.manual_seed(0)
+    model = _Windows()
+    x, y = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2])
+    check(model, lambda m: F.cross_entropy(m(x), y), "activation")
