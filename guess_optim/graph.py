@@ -351,6 +351,9 @@ class _Tracer(TorchFunctionMode):
         if not followed or _constant_of(func):  # h.detach(), zeros_like(h): no path back to the guess point
             return func(*args, **kwargs)
         replay_func, replay_kwargs, inplace = out_of_place(func, kwargs)
+        if replay_func is torch.Tensor.view and not any(isinstance(a, torch.dtype) for a in args[1:]):
+            # the chain replays .contiguous() as the identity: a view after it may need a copy (channel shuffle)
+            replay_func = torch.Tensor.reshape
         replay_args, replay_kwargs = _without_running_stat_updates(func, args, replay_kwargs)
         # Operands other than the followed tensor are captured by value; an in-place op would modify them.
         snapshot = {id(x): (x.detach().clone() if inplace else x.detach()) for x in leaves if isinstance(x, Tensor)}

@@ -1452,3 +1452,27 @@ def test_rows_folded_into_windows_by_a_reshape():
     model = _Windows()
     x, y = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2])
     check(model, lambda m: F.cross_entropy(m(x), y), "activation")
+
+
+class _ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle (``view``, ``transpose``, ``contiguous``, ``view``) between two convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        b, c, height, width = h.shape
+        h = h.view(b, 2, c // 2, height, width).transpose(1, 2).contiguous().view(b, c, height, width)
+        return self.head(torch.relu(self.b(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["wt", "mixing", "downstream"])
+def test_channel_shuffle_is_replayed(method):
+    """The chain replays ``contiguous()`` as the identity, so the last ``view`` failed (a raw-looking GraphError on
+    every ShuffleNet); it is replayed as a reshape. Both stores give the same estimate."""
+    torch.manual_seed(0)
+    model, x = _ChannelShuffle(), torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    run = lambda m: F.cross_entropy(m(x), torch.tensor([0, 1]))  # noqa: E731
+    assert_same(*(estimates(copy.deepcopy(model), run, method, store=store) for store in ("activations", "recompute")))
