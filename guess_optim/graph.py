@@ -25,9 +25,9 @@ What is found for common blocks (see ``tests/test_graph.py``):
   ``bn1 → conv2`` through ``relu``, ``conv2 → bn2``, ``bn2 → <next block's conv1 and the next skip>`` through
   ``add, relu`` (the add captures the identity branch).
 * Hugging Face ViT block (transformers 5.x names): ``layernorm_before → q_proj, k_proj, v_proj``;
-  ``q_proj → o_proj`` through ``view, transpose, scaled_dot_product_attention (captures k and v), …`` (``matmul,
-  softmax, matmul`` with eager attention); ``o_proj`` and ``fc2 →`` every later ``LayerNorm`` along the residual
-  stream through the residual adds.
+  ``q_proj → o_proj`` through ``reshape (a view), transpose, scaled_dot_product_attention (captures k and v), …``
+  (``matmul, softmax, matmul`` with eager attention); ``o_proj`` and ``fc2 →`` every later ``LayerNorm`` along the
+  residual stream through the residual adds.
 """
 
 from __future__ import annotations
