@@ -41,7 +41,10 @@ _RESUME_HINTS = {  # CheckpointError.part -> how to resume
     "method": "resume with the --method that wrote it",
     "model": "resume with the --model, --dataset, --depth and --width that wrote it",
     "optimizer": "resume with the --optimizer (and --gradient-release) that wrote it",
+    "hyperparameters": "resume with the values that wrote it (the optimizer state restores them, so other values "
+    "would be ignored), or run without --resume to start afresh",
 }
+_HYPERPARAMETER_FLAGS = {"lr": "--lr", "weight_decay": "--weight-decay", "momentum": "--momentum"}
 
 
 def derive_seeds(seed: int) -> dict[str, int]:
@@ -232,19 +235,8 @@ def _train(args: argparse.Namespace) -> int:
         return build_optimizer(args.optimizer, params, lr=args.lr, momentum=args.momentum,
                                weight_decay=args.weight_decay)
 
-    if args.gradient_release:
-        if args.method == "backprop":
-            raise SystemExit("--gradient-release applies to guessed methods (backprop's gradients are not checked "
-                             "for being finite before an in-backward step); drop it or choose another --method")
-        if args.track_cosine:
-            raise SystemExit("--track-cosine reads the estimate after backward, but --gradient-release applies and "
-                             "frees it inside backward: pass --track-cosine 0")
-        optimizer = OptimizerInBackward(model, optimizer_of)
-    else:
-        optimizer = optimizer_of(model.parameters())
+    optimizer = OptimizerInBackward(model, optimizer_of) if args.gradient_release else optimizer_of(model.parameters())
     track_cosine = args.track_cosine if args.track_cosine is not None else 0 if args.gradient_release else 10
-    if args.method == "backprop" and args.store is not None:
-        raise SystemExit("--store applies to guessed methods (backprop keeps what autograd keeps)")
     store = {} if args.store is None else {"store": args.store}
     trainer = GuessedGradientTrainer(
         model,
@@ -259,6 +251,8 @@ def _train(args: argparse.Namespace) -> int:
         exact_head=args.exact_head,
         **store,
     )
+    if args.resume:
+        _check_resumed_hyperparameters(trainer)
     start = time.perf_counter()
     history = trainer.fit(train_loader, test_loader, epochs=args.epochs, resume=args.resume)
     seconds = time.perf_counter() - start
@@ -294,6 +288,29 @@ def _train(args: argparse.Namespace) -> int:
     if args.out:
         write_json(args.out, result, indent=2)
     return 0
+
+
+def _first_group(optimizer_state: dict) -> dict:
+    """The first parameter group of an optimizer's ``state_dict`` (of the first per-parameter optimizer of an
+    :class:`~guess_optim.optim.OptimizerInBackward`)."""
+    if "optimizers" in optimizer_state:
+        optimizer_state = optimizer_state["optimizers"][0] if optimizer_state["optimizers"] else {}
+    groups = optimizer_state.get("param_groups") or [{}]
+    return groups[0]
+
+
+def _check_resumed_hyperparameters(trainer: GuessedGradientTrainer) -> None:
+    """``--resume`` with another ``--lr``, ``--weight-decay`` or ``--momentum`` than the checkpoint's: torch's
+    ``Optimizer.load_state_dict`` restores the saved values, so the flags would be ignored silently (the CLI has no
+    schedule that changes them). Raises :class:`~guess_optim.trainer.CheckpointError` (part ``"hyperparameters"``)
+    before anything is loaded; and whatever else ``fit(resume=True)`` raises for the checkpoint."""
+    state = trainer._read_checkpoint()
+    saved, here = _first_group(state["optimizer"]), _first_group(trainer.optimizer.state_dict())
+    for key, flag in _HYPERPARAMETER_FLAGS.items():
+        if key in saved and key in here and float(saved[key]) != float(here[key]):
+            raise CheckpointError(
+                f"the checkpoint at {trainer.checkpoint_path!r} was written with {flag} {saved[key]:g}, not "
+                f"{here[key]:g}", part="hyperparameters")
 
 
 _DELEGATED = {
@@ -340,6 +357,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_parser.error("--resume needs --checkpoint-dir DIR (the directory that holds last.pt)")
         if get_estimator(args.method).space == "backprop" and (args.num_guesses != 1 or args.exact_head):
             train_parser.error(f"--num-guesses and --exact-head apply to guessed methods, not --method {args.method}")
+        if args.gradient_release and args.method == "backprop":
+            train_parser.error("--gradient-release applies to guessed methods (backprop's gradients are not checked "
+                               "for being finite before an in-backward step); drop it or choose another --method")
+        if args.gradient_release and args.track_cosine:
+            train_parser.error("--track-cosine reads the estimate after backward, but --gradient-release applies and "
+                               "frees it inside backward: pass --track-cosine 0")
+        if args.method == "backprop" and args.store is not None:
+            train_parser.error("--store applies to guessed methods (backprop keeps what autograd keeps)")
         if args.momentum and args.optimizer != "sgd":
             train_parser.error(f"--momentum applies to --optimizer sgd only, not {args.optimizer!r}")
         if args.model == "convnet" and args.dataset in _SEQUENCE_DATASETS:

@@ -43,7 +43,8 @@ class CheckpointError(ValueError):
 
     Attributes:
         part: what does not fit: ``"file"`` (unreadable, or not a checkpoint of this trainer), ``"method"``,
-            ``"model"`` or ``"optimizer"``.
+            ``"model"`` or ``"optimizer"``; the CLI adds ``"hyperparameters"`` (``--resume`` with another ``--lr``,
+            ``--weight-decay`` or ``--momentum``).
     """
 
     def __init__(self, message: str, *, part: str = "file") -> None:

@@ -230,9 +230,13 @@ def test_train_with_gradient_release_and_recompute(tmp_path):
     (["--gradient-release", "--track-cosine", "5"], "--track-cosine 0"),
     (["--store", "recompute", "--method", "backprop"], "--store applies to guessed methods"),
 ])
-def test_train_gradient_release_errors(tmp_path, extra, match):
-    with pytest.raises(SystemExit, match=match):
+def test_train_gradient_release_errors(tmp_path, capsys, extra, match):
+    """Regression: these refusals exited with code 1 and a bare message, after the data was loaded."""
+    with pytest.raises(SystemExit) as info:
         train(tmp_path, *extra)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "guess-optim train: error: " in err and match in err and "Traceback" not in err
+    assert not (tmp_path / "out.json").exists()
 
 
 @pytest.mark.parametrize("command", [["cosine"], ["reproduce", "cosine"]])
@@ -276,6 +280,10 @@ def checkpoint(tmp_path_factory):
     (["--width", "32"], "was written for another model: layers.1.weight is [16, 64] there, [32, 64] here",
      "--width"),
     (["--depth", "3"], "not in the checkpoint: layers.5.weight, layers.5.bias", "--depth"),
+    # Regression: torch's load_state_dict restored the saved lr: the other --lr was ignored silently
+    (["--lr", "0.01"], "was written with --lr 0.001, not 0.01", "the optimizer state restores them"),
+    (["--weight-decay", "0.1"], "was written with --weight-decay 0, not 0.1", "run without --resume"),
+    (["--gradient-release", "--lr", "0.01"], "this trainer has OptimizerInBackward(AdamW)", "--gradient-release"),
 ])
 def test_resume_with_other_flags_is_a_clear_error(tmp_path, capsys, checkpoint, extra, differs, hint):
     """Regression: resuming with another --optimizer (KeyError: 'momentum' inside the first step), --method
