@@ -15,6 +15,7 @@ from torch import nn
 
 from guess_optim import bench
 from guess_optim.bench import Case, Config, evaluate_targets, floor_ratio, main, mezo_step, time_case
+from guess_optim.bench import cli as bench_cli
 from guess_optim.bench import peers as bench_peers
 
 
@@ -286,6 +287,24 @@ def test_cuda_without_cuda_exits_2_with_a_message(device, capsys):
 def test_bad_numbers_and_devices_exit_2(argv, message, capsys):
     assert main([*argv, "--quiet", "--no-memory"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, where, message", [
+    ("--out", "dir", "--out: '{dir}' is a directory; give a file name"),
+    ("--markdown", "dir", "--markdown: '{dir}' is a directory; give a file name"),
+    ("--markdown", "file/x.md", "--markdown: '{file}' is an existing file, not a directory"),
+    ("--plot-dir", "file", "--plot-dir: '{file}' is an existing file, not a directory"),
+])
+def test_unusable_outputs_exit_2_before_measuring(tmp_path, capsys, monkeypatch, flag, where, message):
+    """Regression: --out/--markdown/--plot-dir were first written after the first case (minutes into a run), whose
+    results were then lost in a traceback."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(bench_cli, "run", lambda *a, **k: pytest.fail("measured before the outputs were checked"))
+    names = {"dir": str(tmp_path / "dir"), "file": str(tmp_path / "file")}
+    assert main(["--config", "mlp-d2-w8-b4", "--no-memory", "--quiet", flag, str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert message.format(**names) in err and "Traceback" not in err
 
 
 def test_gpu_script_parses():

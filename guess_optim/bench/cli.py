@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .._io import write_json, write_text
+from .._io import ensure_writable_dir, write_json, write_text
 from .floors import STORES, guessed_methods, parse_runner
 from .memory import memory_worker
 from .peers import PEERS
@@ -106,6 +106,32 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"Invalid {flag}: {value}; expected an int >= {least}")
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """``--out``, ``--markdown`` and ``--plot-dir``, checked before anything is measured (the files are written after
+    the first case, minutes into a run).
+
+    Raises:
+        ValueError: a file flag naming a directory, or a directory that cannot be created or written to (the message
+            names the flag and the path).
+    """
+    files = [("--markdown", args.markdown)] + ([] if args.from_json else [("--out", args.out)])
+    for flag, path in files:
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise ValueError(f"{flag}: {path!r} is a directory; give a file name, such as "
+                             f"{os.path.join(path, 'bench.json' if flag == '--out' else 'BENCHMARKS.md')!r}")
+        try:
+            ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
+        except ValueError as err:
+            raise ValueError(f"{flag}: {err}") from None
+    if args.plot_dir:
+        try:
+            ensure_writable_dir(args.plot_dir)
+        except ValueError as err:
+            raise ValueError(f"--plot-dir: {err}") from None
+
+
 def _select(args: argparse.Namespace, device: torch.device) -> list[Case]:
     """The suite's cases, narrowed to ``--config`` (unknown labels get the core runners) and ``--runners``."""
     cases = suite(args.suite, device.type)
@@ -186,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
         _check(args)
+        _check_outputs(args)
         device = _device(args.device)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
