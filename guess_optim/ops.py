@@ -121,9 +121,10 @@ def to_rows(t: Tensor, rows: Rows, n: int) -> Tensor:
 
 def from_rows(u: Tensor, rows: Rows, shape: torch.Size) -> Tensor:
     """The inverse of :func:`to_rows`: ``u`` (``[N, *S]``) back in the layout of a tensor of ``shape``."""
-    if rows.fold > 1:
-        u = u.reshape(shape)
-    return u.movedim(0, rows.dim) if rows.dim else u
+    if not rows.dim:
+        return u.reshape(shape) if rows.fold > 1 else u
+    d = rows.dim  # (the rows' dim first, as to_rows moved it)
+    return u.reshape(shape[d], *shape[:d], *shape[d + 1:]).movedim(0, d)
 
 
 class Tracker:
@@ -173,10 +174,16 @@ class Tracker:
             return UNKNOWN
         name = _name(func)
         if name in _PERMUTES or func in _TRANSPOSE_GETTERS or name in ("t", "t_", "permute", "movedim", "moveaxis"):
-            return Rows(_permuted(name, func, args, kwargs, dim, len(shape)), 1) if fold == 1 else UNKNOWN
-        if name in ("unsqueeze", "unsqueeze_", "squeeze", "squeeze_") and fold == 1:
+            # folded rows move with their dim: qkv.reshape(B·nW, L, 3, h, d).permute(2, 0, 3, 1, 4) (Swin windows)
+            moved = _permuted(name, func, args, kwargs, dim, len(shape))
+            return Rows(moved, fold) if moved is not None else UNKNOWN
+        if name in ("unsqueeze", "unsqueeze_", "squeeze", "squeeze_"):
             moved = _squeezed(name, args, kwargs, dim, shape, out)
-            return Rows(moved, 1) if moved is not None and out.shape[moved] == n else UNKNOWN
+            return Rows(moved, fold) if moved is not None and out.shape[moved] == n * fold else UNKNOWN
+        if fold > 1 and dim != 0:  # folded rows off dim 0: kept in place, or on dim 0 once the dims before are gone
+            if out.dim() == len(shape) and out.shape[dim] == n * fold:  # (element-wise ops, a slice of another dim)
+                return Rows(dim, fold)
+            return Rows(0, fold) if out.shape[0] == n * fold else UNKNOWN  # qkv[0] of [3, B·nW, h, L, d]
         if fold > 1 or dim == 0:
             if dim == 0 and out.shape[0] == n * fold:
                 return Rows(0, fold)
@@ -210,7 +217,7 @@ def _einsum_places(args: tuple, kwargs: dict, tracker: Tracker) -> list[int | No
     places = []
     for letters, t in zip(subscripts, operands, strict=True):
         entry = tracker.batch(t) if isinstance(t, Tensor) else None
-        if entry is None or entry[0].dim is None or entry[0].fold != 1 or entry[0].dim >= len(letters):
+        if entry is None or entry[0].dim is None or entry[0].dim >= len(letters):  # (folded rows: the same letter)
             continue
         letter = letters[entry[0].dim]
         places.append(output.index(letter) if letter in output else None)
@@ -430,14 +437,14 @@ class GuessingMode(TorchFunctionMode):
         output is cut back to the first copy): the average estimates the gradient for that mask, as with ``K = 1``.
         (Drawn independently per copy, the copies' tangents went through other masks than the loss's: biased.)"""
         x = args[0] if args else kwargs["input"]
-        if rows.dim is None or rows.fold != 1 or x.shape[rows.dim] != self.step.rows:
+        if rows.dim is None or x.shape[rows.dim] != self.step.rows * rows.fold:
             raise GuessingNotSupportedError(
                 f"{_name(func)!r} with num_guesses={self.step.k} on a tensor whose batch rows the engine cannot tell "
                 f"apart (shape {tuple(x.shape)}): the K copies of the batch would draw different dropout masks while "
                 "sharing the first copy's loss gradient (a biased estimate). Use num_guesses=1, or apply the dropout "
                 "with the batch on a dim of its own."
             )
-        first = primal(x).narrow(rows.dim, 0, self.step.batch)
+        first = primal(x).narrow(rows.dim, 0, self.step.batch * rows.fold)  # (each example's folded rows together)
         p, training = _dropout_args(func, args, kwargs)
         mask = func(torch.ones_like(first), p, training)  # kept / (1 - p), or 0
         reps = [1] * x.dim()

@@ -1461,6 +1461,88 @@ def test_rows_folded_into_windows_by_a_reshape():
     check(model, lambda m: F.cross_entropy(m(x), y), "activation")
 
 
+class _WindowAttention(nn.Module):
+    """Swin's window attention (torchvision ``shifted_window_attention``, without the shift): tokens folded into
+    windows along dim 0, ``qkv.reshape(B·nW, L, 3, h, d).permute(2, 0, 3, 1, 4)``, ``qkv[0]``, a relative position
+    bias parameter added to the scores, unfolded after the output projection."""
+
+    def __init__(self, dim=4, heads=2, window=2):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.bias = nn.Parameter(torch.randn(heads, window, window))
+
+    def forward(self, x):  # x: [B, T, C]
+        b, t, c = x.shape
+        windows = x.reshape(b * (t // self.window), self.window, c)
+        qkv = self.qkv(windows).reshape(windows.size(0), self.window, 3, self.heads, c // self.heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * (c // self.heads) ** -0.5).matmul(k.transpose(-2, -1)) + self.bias
+        h = attn.softmax(-1).matmul(v).transpose(1, 2).reshape(windows.size(0), self.window, c)
+        h = self.proj(h).reshape(b, t, c)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_window_attention_with_rows_folded_and_permuted():
+    """Regression: folded window rows were followed only while they stayed on dim 0: the permute of Swin's qkv lost
+    them, and the attention scores were refused as mixing the examples (K = 1) or the bias add as having no batch
+    (K > 1), so torchvision's swin_t could not be trained. Folded rows now move with their dim."""
+    torch.manual_seed(0)
+    model = _WindowAttention()
+    x, y = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2])
+    run = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    one = estimates(copy.deepcopy(model), run, "activation")  # K = 1 (was refused): every parameter estimated
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in one.values())
+    # the error of the average within its measured noise (the relative position bias's gradient is small: a cosine
+    # bound would need millions of guesses); num_guesses=20000: the K copies of the batch fold into the windows too
+    noise = {}
+    est = averaged(model, run, guesses=200000, per_step=20000, noise=noise)
+    compare(est, backprop(model, run), noise=noise, max_relative_noise=0.5)
+
+
+@pytest.mark.parametrize("shape, rows, n", [((3, 8, 5), (1, 2), 4), ((6, 5), (0, 2), 3), ((5, 3, 2), (1, 1), 3),
+                                             ((2, 3, 12, 4), (2, 3), 4), ((4, 2), (0, 1), 4)])
+def test_rows_layout_round_trip(shape, rows, n):
+    """``from_rows`` inverts ``to_rows`` wherever the rows are, folded or not (folded rows off dim 0 were put back
+    as if on dim 0)."""
+    from guess_optim.ops import Rows, from_rows, to_rows
+
+    t = torch.randn(shape)
+    per_example = to_rows(t, Rows(*rows), n)
+    assert per_example.shape[0] == n
+    assert torch.equal(from_rows(per_example, Rows(*rows), t.shape), t)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_torchvision_swin_transformer(method):
+    """torchvision's Swin (shifted windows, the attention mask, relative position bias, patch embedding through a
+    permute) against backprop: the error of the averaged estimate within its measured noise."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2], num_heads=[2], window_size=[2, 2],
+                            stochastic_depth_prob=0.0, num_classes=3)
+    with torch.no_grad():  # an init whose inner gradients are not swamped by the head's (trunc_normal std 0.02)
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0, m.in_features ** -0.5)
+                m.bias.normal_(0, 0.3)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+            elif hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.normal_(0, 1.0)
+    x, y = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 2])
+    run = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    noise = {}
+    per_step = 2000 if method == "activation" else 100
+    est = averaged(model, run, method=method, guesses=40000 if method == "activation" else 4000, per_step=per_step,
+                   noise=noise)
+    compare(est, backprop(model, run), noise=noise, max_relative_noise=float("inf"))
+
+
 class _ChannelShuffle(nn.Module):
     """ShuffleNet's channel shuffle (``view``, ``transpose``, ``contiguous``, ``view``) between two convolutions."""
 
