@@ -510,6 +510,9 @@ def discover(
             batch = reads_batch.pop() if reads_batch else True
             if isinstance(output, Tensor) and torch.is_grad_enabled() and module in followed:
                 own = tuple(id(p) for p in module.parameters(recurse=False) if id(p) in tracer.trainable)
+                if not batch and own:  # and the trainable parameters its inputs were computed from (an MLP on a
+                    # constant table: Swin V2's continuous position bias), as the guessing step keys the op they reach
+                    own = tuple(dict.fromkeys((*tracer._sources(tree_flatten((args, kwargs))[0]), *own)))
                 if batch or not own:
                     tracer.track(output, {module: Chain()})
                 else:

@@ -1209,6 +1209,35 @@ def test_wt_guess_of_a_prompt_embedded_once_is_structured():
     assert g.norm() > 0 and (g - g @ rows).norm() < 1e-9 * g.norm()
 
 
+class _BiasFromAnMLP(nn.Module):
+    """A per-position bias made by an MLP from a constant table (Swin V2's continuous position bias) and added to
+    the batch's activations: an op-level guess point reading the MLP's parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(5, 2))  # (5 positions: not taken for the batch of 4)
+        self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 6, bias=False))
+        self.a, self.b, self.head = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):  # x: [B, 5, 5]
+        h = torch.tanh(self.a(x) + self.mlp(self.table))
+        return self.head(torch.tanh(self.b(h)).mean(1))
+
+
+@pytest.mark.parametrize("method", ["wt", "downstream"])
+def test_structured_guess_of_a_bias_made_by_an_mlp(method):
+    """Regression: discovery keyed the add by the last Linear's parameters only, the guessing step by all the
+    parameters the bias was computed from, so the structured guess fell back to an isotropic one (with a warning;
+    torchvision's swin_v2)."""
+    torch.manual_seed(0)
+    model = _BiasFromAnMLP()
+    x, y = torch.randn(4, 5, 5, generator=torch.Generator().manual_seed(3)), torch.tensor([2, 0, 1, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = estimates(model, lambda m: F.cross_entropy(m(x), y), method)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
 class _HiddenFromDiscovery(nn.Module):
     """Adds a raw parameter only in the guessing forward (not in the engine's own forwards): an op-level guess point
     graph discovery never sees."""
