@@ -138,6 +138,8 @@ class GuessHandle:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 add(m.register_forward_pre_hook(self._on_batchnorm_pre, prepend=True))
+            if isinstance(m, nn.RNNBase):
+                add(m.register_forward_pre_hook(self._on_rnn_pre, with_kwargs=True))
         for m in self.layout.product_modules:
             # prepended: the output's tangent must be in place before the guess-point hook reads it
             add(m.register_forward_pre_hook(self._on_product_pre))
@@ -320,6 +322,29 @@ class GuessHandle:
             refuse_batch_norm(f"{self.names.get(module, '?')!r} ({type(module).__name__})", module.training,
                               self.num_guesses)
         return None
+
+    def _on_rnn_pre(self, module: nn.RNNBase, args: tuple, kwargs: dict) -> tuple | None:
+        """With ``num_guesses=K``: an initial state ``hx`` of ``(layers, B, H)`` (a tuple of two for an LSTM) passed
+        with an input whose batch was repeated to ``K·B`` is repeated along its batch dim (1) too, in the same blocks
+        (the model's inputs are repeated along dim 0 only, where ``hx`` holds the layers). Also in the engine's own
+        forwards (graph discovery, the ``store="recompute"`` replay), which run on the repeated batch."""
+        step, k = self._step, self.num_guesses
+        if k == 1 or not (self._opening or step is not None and (not step.closed or step.replaying)):
+            return None
+        x = args[0] if args else kwargs.get("input")
+        hx_in_args = len(args) > 1
+        hx = args[1] if hx_in_args else kwargs.get("hx")
+        if not isinstance(x, Tensor) or x.dim() != 3 or hx is None:
+            return None  # (unbatched inputs; packed sequences are refused where their data loses the batch)
+        rows = x.shape[0 if module.batch_first else 1]
+        states = hx if isinstance(hx, (tuple, list)) else (hx,)
+        if not all(isinstance(h, Tensor) and h.dim() == 3 and h.shape[1] * k == rows for h in states):
+            return None
+        repeated = tuple(h.repeat(1, k, 1) for h in states)
+        hx = type(hx)(repeated) if isinstance(hx, (tuple, list)) else repeated[0]
+        if hx_in_args:
+            return (args[0], hx, *args[2:]), kwargs
+        return args, {**kwargs, "hx": hx}
 
     def _on_product_pre(self, module: nn.Module, args: tuple) -> tuple | None:
         step = self._live()

@@ -250,6 +250,50 @@ def test_recurrent_layers(cell, batch_first):
     check(Recurrent(cell, batch_first), lambda m: F.cross_entropy(m(x), y), "activation", guesses=100000)
 
 
+class RecurrentFromAState(nn.Module):
+    """An RNN started from an initial state the caller passes, ``(layers, B, H)`` (two of them for an LSTM)."""
+
+    def __init__(self, cell: type, batch_first: bool):
+        super().__init__()
+        self.rnn, self.head, self.batch_first = cell(4, 5, num_layers=2, batch_first=batch_first), nn.Linear(5, 3), (
+            batch_first)
+
+    def forward(self, x, state):  # x: [B, L, 4]
+        out, _ = self.rnn(x if self.batch_first else x.transpose(0, 1), state)
+        return self.head((out if self.batch_first else out.transpose(0, 1))[:, -1])
+
+
+def _from_a_state(cell, batch_first):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 6, 4, generator=g), torch.tensor([0, 1, 2])
+    h0 = torch.randn(2, 3, 5, generator=g)
+    state = (h0, torch.randn(2, 3, 5, generator=g)) if cell is nn.LSTM else h0
+    return RecurrentFromAState(cell, batch_first), lambda m: F.cross_entropy(m(x, state), y)
+
+
+@pytest.mark.parametrize(("cell", "batch_first"), [
+    (nn.LSTM, True), pytest.param(nn.LSTM, False, marks=pytest.mark.slow),
+    pytest.param(nn.GRU, True, marks=pytest.mark.slow), pytest.param(nn.GRU, False, marks=pytest.mark.slow)])
+def test_recurrent_layer_from_an_initial_state_with_many_guesses(cell, batch_first):
+    """Regression: with ``num_guesses=K`` the model's inputs are repeated along dim 0, but an initial state
+    ``(layers, B, H)`` holds the batch on dim 1: torch's size error. It is repeated along dim 1 now. (The first
+    layer's biases are noisy: the error of the average within its measured noise.)"""
+    model, run = _from_a_state(cell, batch_first)
+    noise = {}
+    est = averaged(model, run, guesses=200000, per_step=20000, noise=noise)
+    compare(est, backprop(model, run), noise=noise)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_recurrent_layer_from_an_initial_state_replayed(cell, batch_first):
+    """The ``store="recompute"`` replay (and its graph discovery) repeats the initial state as the first forward."""
+    model, run = _from_a_state(cell, batch_first)
+    assert_same(estimates(copy.deepcopy(model), run, "wt", num_guesses=3),
+                estimates(copy.deepcopy(model), run, "wt", num_guesses=3, store="recompute"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_recurrent_layer_directional_with_many_guesses(batch_first):
