@@ -17,7 +17,9 @@ weight gradient. A guessed step costs, per layer:
 A store that replays the forward during backward (``recompute``) adds the primal again, and in activation space the
 guess again. With a frozen backbone (prompt tuning) backprop needs no weight gradients (2 products per layer) and every
 runner costs 2 as well (primal and tangent, or two forwards: guesses and estimates touch only the small trained
-modules), plus 1 for a replayed forward. The floor of a runner is its product count over backprop's: ``1.0`` means no
+modules), plus 1 for a replayed forward; a method that reads the graph (``wt``, ``mixing``, ...) adds 1 for the
+primal forward that discovers it (on a transformer a chain captures activations, so it is discovered every step),
+and 1 more for the replay's. The floor of a runner is its product count over backprop's: ``1.0`` means no
 work beyond backprop's matrix products. Element-wise work, random numbers, the optimizer and Python are not counted,
 so small layers sit far above their floor.
 """
@@ -158,7 +160,8 @@ def products(runner: str, *, frozen: bool = False) -> int:
         return 2 if frozen else 3
     replay = int(STORES[r.store].replays_forward)
     if frozen:
-        return 2 + replay
+        discovers = r.peer is None and METHODS[r.method].needs is not None
+        return 2 + replay + discovers * (1 + replay)
     if r.peer is not None:
         return r.peer.products
     g = METHODS[r.method].guess_matmuls
@@ -181,8 +184,9 @@ def floor_ratio(runner: str, *, frozen: bool = False) -> float:
 
     Returns:
         ``products(runner) / products(backprop)``: e.g. ``1.0`` for ``activation``, ``4/3`` for ``wt``, ``2.0`` for
-        ``wt@recompute``, ``2/3`` for ``mezo``; with ``frozen``, ``1.0`` for every runner and ``1.5`` with
-        ``@recompute``.
+        ``wt@recompute``, ``2/3`` for ``mezo``; with ``frozen``, ``1.0`` for ``directional``, ``activation`` and the
+        peers, ``1.5`` for ``wt`` (the graph discovered by a primal forward every step), ``2.5`` for ``wt@recompute``
+        (the replay and its discovery).
 
     Raises:
         ValueError: unknown runner.
