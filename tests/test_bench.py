@@ -312,6 +312,26 @@ def test_unusable_outputs_exit_2_before_measuring(tmp_path, capsys, monkeypatch,
     assert message.format(**names) in err and "Traceback" not in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+def test_gpu_script_without_cuda_exits_2_naming_the_fix(tmp_path):
+    """``benchmarks/run_gpu.sh`` on a machine without CUDA: exit 2 and what to do, before any benchmark runs (no
+    results written)."""
+    import os
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "run_gpu.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, check=False, timeout=300)
+    assert done.returncode == 2
+    assert "no Python with CUDA-enabled torch found" in done.stderr and "PYTHON=" in done.stderr
+    assert not (tmp_path / "out" / "bench_cuda.json").exists()
+
+
 def test_gpu_script_parses():
     import pathlib
     import shutil
