@@ -177,6 +177,12 @@ class Tracker:
             # folded rows move with their dim: qkv.reshape(B·nW, L, 3, h, d).permute(2, 0, 3, 1, 4) (Swin windows)
             moved = _permuted(name, func, args, kwargs, dim, len(shape))
             return Rows(moved, fold) if moved is not None else UNKNOWN
+        if name == "stack":  # a new dim at `dim`: the rows move past it when it comes first (stack([a, b], 0))
+            new = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            if not isinstance(new, int):
+                return UNKNOWN
+            moved = dim + (new % out.dim() <= dim)
+            return Rows(moved, fold) if out.shape[moved] == n * fold else UNKNOWN
         if name in ("unsqueeze", "unsqueeze_", "squeeze", "squeeze_"):
             moved = _squeezed(name, args, kwargs, dim, shape, out)
             return Rows(moved, fold) if moved is not None and out.shape[moved] == n * fold else UNKNOWN

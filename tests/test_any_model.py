@@ -1574,6 +1574,30 @@ def test_window_attention_with_rows_folded_and_permuted():
     compare(est, backprop(model, run), noise=noise, max_relative_noise=0.5)
 
 
+class _StackedHeads(nn.Module):
+    """Two heads averaged through ``torch.stack(..., dim)`` (timm CrossViT's head: ``stack(dim=0).mean(0)``)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+        self.fc, self.h1, self.h2 = nn.Linear(6, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        stacked = torch.stack([self.h1(h), self.h2(h)], dim=self.dim)
+        return stacked.mean(self.dim) + 0.5 * stacked.select(self.dim, 1)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_outputs_stacked_along_a_new_dim(dim):
+    """Regression: ``torch.stack`` lost the rows (with ``dim=0`` they move to dim 1): a model averaging heads that way
+    was refused as computing its loss inside forward. The rows now move past the new dim."""
+    torch.manual_seed(0)
+    model = _StackedHeads(dim)
+    x, y = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+    check(model, lambda m: F.cross_entropy(m(x), y), "activation")
+
+
 @pytest.mark.parametrize("shape, rows, n", [((3, 8, 5), (1, 2), 4), ((6, 5), (0, 2), 3), ((5, 3, 2), (1, 1), 3),
                                              ((2, 3, 12, 4), (2, 3), 4), ((4, 2), (0, 1), 4)])
 def test_rows_layout_round_trip(shape, rows, n):
