@@ -675,7 +675,13 @@ class GuessingMode(TorchFunctionMode):
         if not rowed or any(r.dim is None or leaves[i].shape[r.dim] != n * r.fold for i, r in rowed.items()):
             return None
         first = next(iter(rowed))
-        out = func(*args, **kwargs)
+        # an in-place op (timm's LayerScale x.mul_(gamma), h += bias) runs out of place, the blocks on the input's
+        # values before it changes, and its result is written back into its target (it ran twice on the target)
+        replay, replay_kwargs, inplace = out_of_place(func, kwargs)
+        target = args[0] if inplace and args and isinstance(args[0], Tensor) else None
+        if inplace and target is None:
+            return None
+        out = replay(*args, **replay_kwargs)
         outs, out_spec = tree_flatten(out)
         out_rows = {}
         for i, o in enumerate(outs):
@@ -695,7 +701,7 @@ class GuessingMode(TorchFunctionMode):
                 if isinstance(t, Tensor) and id(t) in stacks:
                     block[i] = fwAD.make_dual(t.detach(), stacks[id(t)][1][j])
             a, kw = tree_unflatten(block, spec)
-            block_outs = tree_flatten(func(*a, **kw))[0]
+            block_outs = tree_flatten(replay(*a, **({**kw, "inplace": False} if "inplace" in kw else kw)))[0]
             for i in out_rows:
                 tangent = fwAD.unpack_dual(block_outs[i]).tangent
                 tangents[i].append(torch.zeros_like(primal(block_outs[i])) if tangent is None else tangent)
@@ -703,6 +709,8 @@ class GuessingMode(TorchFunctionMode):
             value, existing = fwAD.unpack_dual(outs[i])
             tangent = torch.cat(tangents[i], dim=r.dim)
             outs[i] = fwAD.make_dual(value.detach(), tangent if existing is None else existing + tangent)
+        if target is not None:
+            return target.copy_(outs[0])
         return tree_unflatten(outs, out_spec)
 
     def _guess_point(self, func, args, kwargs, params: list[Tensor], rows: Rows, shape: Any) -> Any:

@@ -1574,6 +1574,48 @@ def test_window_attention_with_rows_folded_and_permuted():
     compare(est, backprop(model, run), noise=noise, max_relative_noise=0.5)
 
 
+class _InPlaceWithParameters(nn.Module):
+    """In-place ops reading parameters: timm's ``LayerScale(inplace=True)`` (``x.mul_(gamma)``) and ``h += b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.gamma, self.shift = nn.Parameter(torch.linspace(0.3, 1.2, 6)), nn.Parameter(torch.linspace(-1, 1, 6))
+
+    def forward(self, x):
+        h = self.fc(x)
+        h.mul_(self.gamma)
+        h += self.shift
+        return self.head(torch.tanh(h))
+
+
+def test_directional_many_guesses_through_in_place_ops_on_parameters():
+    """Regression: with ``num_guesses=K`` the blocks of an in-place op reading a parameter ran the op again on its
+    already changed target: the forward's output changed (the loss was wrong) and the averaged estimate converged to
+    another vector (ratio 0.01 for ``gamma``, 0.5 for the head). The op now runs once, out of place, and the blocks on
+    the values before it."""
+    torch.manual_seed(0)
+    model = _InPlaceWithParameters()
+    x, y = torch.randn(3, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 2, 1])
+    plain = model(x).detach()
+    with attach(model, "directional", seed=0, num_guesses=4):
+        out = model(x)
+        torch.testing.assert_close(out.detach(), plain, rtol=1e-12, atol=1e-12)  # the forward is unchanged
+        F.cross_entropy(out, y).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_directional_many_guesses_through_in_place_ops_on_parameters_against_backprop():
+    torch.manual_seed(0)
+    model = _InPlaceWithParameters()
+    x, y = torch.randn(3, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 2, 1])
+    noise = {}
+    run = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    est = averaged(model, run, method="directional", guesses=20000, per_step=1000, noise=noise)
+    compare(est, backprop(model, run), noise=noise)
+
+
 class _StackedHeads(nn.Module):
     """Two heads averaged through ``torch.stack(..., dim)`` (timm CrossViT's head: ``stack(dim=0).mean(0)``)."""
 
