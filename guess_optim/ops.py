@@ -592,8 +592,9 @@ class GuessingMode(TorchFunctionMode):
                 if pad is not None:  # backprop's gradient of the padding row is zero: so is its guess
                     v[:, pad] = 0
                 stacks[id(t)] = (t, v)
-        if step.replaying:
-            self._weight_records(stacks, per_block=True)
+        if step.replaying:  # the blocks' V laid out as the first forward did (one V for all blocks, or one each)
+            tried = k > 1 and batch_in and not broadcast
+            self._weight_records(stacks, per_block=k == 1 or (tried and self._blocks_apart(func, args, kwargs)))
             return func(*args, **kwargs)
         if k > 1 and batch_in and not broadcast:
             out = self._per_block(func, args, kwargs, stacks)
@@ -660,6 +661,32 @@ class GuessingMode(TorchFunctionMode):
                                       source=t)
             step.add_record(record)
             step.handle.captured(step.op_name(None, [t]), record, None)
+
+    def _blocks_apart(self, func, args, kwargs) -> bool:
+        """Whether :meth:`_per_block` measures this op's blocks apart (its inputs' and outputs' rows known), for the
+        ``store="recompute"`` replay, which must lay out the weight guesses as the first forward did."""
+        tracker, n = self.tracker, self.step.rows
+        leaves = tree_flatten((args, kwargs))[0]
+        rowed = {i: tracker.batch(t)[0] for i, t in enumerate(leaves)
+                 if isinstance(t, Tensor) and tracker.batch(t) is not None}
+        rnn = _name(func) in _RNN_OPS
+        if rnn:
+            rowed.update({i: Rows(1, 1) for i, t in enumerate(leaves) if i not in rowed and isinstance(t, Tensor)
+                          and t.dim() == 3 and t.is_floating_point() and t.shape[1] == n})
+        if not rowed or any(r.dim is None or leaves[i].shape[r.dim] != n * r.fold for i, r in rowed.items()):
+            return False
+        replay, replay_kwargs, inplace = out_of_place(func, kwargs)
+        if inplace and not (args and isinstance(args[0], Tensor)):
+            return False
+        first = next(iter(rowed))
+        for o in tree_flatten(replay(*args, **replay_kwargs))[0]:
+            if isinstance(o, Tensor) and o.is_floating_point():
+                r = tracker.out_rows(func, args, kwargs, rowed[first], leaves[first].shape, o)
+                if rnn and r.dim is None and o.dim() and sum(s == n for s in o.shape) == 1:
+                    r = Rows(list(o.shape).index(n), 1)
+                if r.dim is None or o.shape[r.dim] != n * r.fold:
+                    return False
+        return True
 
     def _per_block(self, func, args, kwargs, stacks: dict[int, tuple[Tensor, Tensor]]) -> Any:
         """The op with each block's ``V`` on that block's rows (wherever the rows are: a moved or folded batch dim);

@@ -1616,6 +1616,34 @@ def test_directional_many_guesses_through_in_place_ops_on_parameters_against_bac
     compare(est, backprop(model, run), noise=noise)
 
 
+class _BiasBuiltFromParameters(nn.Module):
+    """BEiT/EVA attention's ``qkv_bias = cat(q_bias, zeros, v_bias)`` passed to ``F.linear`` with a Linear's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(4, 6, bias=False), nn.Linear(6, 3)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))
+        self.register_buffer("k_bias", torch.zeros(2), persistent=False)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return self.head(torch.tanh(F.linear(x, self.qkv.weight, bias)))
+
+
+@pytest.mark.parametrize("model_type", [_BiasBuiltFromParameters, _InPlaceWithParameters])
+def test_directional_many_guesses_recompute_equals_activations(model_type):
+    """Regression: with a bias built from parameters next to the weight (one ``V`` shared by the guess blocks in the
+    first forward), the ``store="recompute"`` replay laid out one ``V`` per block: another estimate (its average
+    about ``g / K`` for the weight). The replay now lays them out as the first forward did."""
+    torch.manual_seed(0)
+    model = model_type()
+    x, y = torch.randn(3, model.qkv.in_features if hasattr(model, "qkv") else 6,
+                       generator=torch.Generator().manual_seed(1)), torch.tensor([0, 2, 1])
+    run = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    assert_same(estimates(copy.deepcopy(model), run, "directional", num_guesses=8),
+                estimates(copy.deepcopy(model), run, "directional", num_guesses=8, store="recompute"))
+
+
 class _StackedHeads(nn.Module):
     """Two heads averaged through ``torch.stack(..., dim)`` (timm CrossViT's head: ``stack(dim=0).mean(0)``)."""
 
