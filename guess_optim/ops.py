@@ -665,33 +665,16 @@ class GuessingMode(TorchFunctionMode):
     def _blocks_apart(self, func, args, kwargs) -> bool:
         """Whether :meth:`_per_block` measures this op's blocks apart (its inputs' and outputs' rows known), for the
         ``store="recompute"`` replay, which must lay out the weight guesses as the first forward did."""
-        tracker, n = self.tracker, self.step.rows
-        leaves = tree_flatten((args, kwargs))[0]
-        rowed = {i: tracker.batch(t)[0] for i, t in enumerate(leaves)
-                 if isinstance(t, Tensor) and tracker.batch(t) is not None}
-        rnn = _name(func) in _RNN_OPS
-        if rnn:
-            rowed.update({i: Rows(1, 1) for i, t in enumerate(leaves) if i not in rowed and isinstance(t, Tensor)
-                          and t.dim() == 3 and t.is_floating_point() and t.shape[1] == n})
-        if not rowed or any(r.dim is None or leaves[i].shape[r.dim] != n * r.fold for i, r in rowed.items()):
-            return False
-        replay, replay_kwargs, inplace = out_of_place(func, kwargs)
-        if inplace and not (args and isinstance(args[0], Tensor)):
-            return False
-        first = next(iter(rowed))
-        for o in tree_flatten(replay(*args, **replay_kwargs))[0]:
-            if isinstance(o, Tensor) and o.is_floating_point():
-                r = tracker.out_rows(func, args, kwargs, rowed[first], leaves[first].shape, o)
-                if rnn and r.dim is None and o.dim() and sum(s == n for s in o.shape) == 1:
-                    r = Rows(list(o.shape).index(n), 1)
-                if r.dim is None or o.shape[r.dim] != n * r.fold:
-                    return False
-        return True
+        return self._block_layout(func, args, kwargs) is not None
 
-    def _per_block(self, func, args, kwargs, stacks: dict[int, tuple[Tensor, Tensor]]) -> Any:
-        """The op with each block's ``V`` on that block's rows (wherever the rows are: a moved or folded batch dim);
-        ``None`` where they cannot be told apart."""
-        tracker, n, k = self.tracker, self.step.rows, self.step.k
+    def _block_layout(self, func, args, kwargs) -> tuple | None:
+        """The op run once (out of place) with where the rows are in its inputs and floating outputs, or ``None``
+        where they cannot be told apart: ``(leaves, spec, rowed, replay, target, outs, out_spec, out_rows)``.
+
+        An in-place op (timm's LayerScale ``x.mul_(gamma)``, ``h += bias``) runs out of place, its blocks on the
+        input's values before it changes, and its result is written back into ``target`` (run in place, the blocks
+        ran it again on the changed target)."""
+        tracker, n = self.tracker, self.step.rows
         leaves, spec = tree_flatten((args, kwargs))
         rowed = {i: tracker.batch(t)[0] for i, t in enumerate(leaves)
                  if isinstance(t, Tensor) and tracker.batch(t) is not None}
@@ -702,14 +685,11 @@ class GuessingMode(TorchFunctionMode):
         if not rowed or any(r.dim is None or leaves[i].shape[r.dim] != n * r.fold for i, r in rowed.items()):
             return None
         first = next(iter(rowed))
-        # an in-place op (timm's LayerScale x.mul_(gamma), h += bias) runs out of place, the blocks on the input's
-        # values before it changes, and its result is written back into its target (it ran twice on the target)
         replay, replay_kwargs, inplace = out_of_place(func, kwargs)
         target = args[0] if inplace and args and isinstance(args[0], Tensor) else None
         if inplace and target is None:
             return None
-        out = replay(*args, **replay_kwargs)
-        outs, out_spec = tree_flatten(out)
+        outs, out_spec = tree_flatten(replay(*args, **replay_kwargs))
         out_rows = {}
         for i, o in enumerate(outs):
             if isinstance(o, Tensor) and o.is_floating_point():
@@ -719,6 +699,16 @@ class GuessingMode(TorchFunctionMode):
                 if r.dim is None or o.shape[r.dim] != n * r.fold:
                     return None
                 out_rows[i] = r
+        return leaves, spec, rowed, replay, target, outs, out_spec, out_rows
+
+    def _per_block(self, func, args, kwargs, stacks: dict[int, tuple[Tensor, Tensor]]) -> Any:
+        """The op with each block's ``V`` on that block's rows (wherever the rows are: a moved or folded batch dim);
+        ``None`` where they cannot be told apart (:meth:`_block_layout`)."""
+        n, k = self.step.rows, self.step.k
+        layout = self._block_layout(func, args, kwargs)
+        if layout is None:
+            return None
+        leaves, spec, rowed, replay, target, outs, out_spec, out_rows = layout
         size, tangents = n // k, {i: [] for i in out_rows}
         for j in range(k):
             block = list(leaves)
