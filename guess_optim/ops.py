@@ -593,9 +593,12 @@ class GuessingMode(TorchFunctionMode):
                     v[:, pad] = 0
                 stacks[id(t)] = (t, v)
         if step.replaying:  # the blocks' V laid out as the first forward did (one V for all blocks, or one each)
-            tried = k > 1 and batch_in and not broadcast
-            self._weight_records(stacks, per_block=k == 1 or (tried and self._blocks_apart(func, args, kwargs)))
-            return func(*args, **kwargs)
+            layout = self._block_layout(func, args, kwargs) if k > 1 and batch_in and not broadcast else None
+            self._weight_records(stacks, per_block=k == 1 or layout is not None)
+            if layout is None:
+                return func(*args, **kwargs)
+            target, outs, out_spec = layout[4:7]  # (the op already ran once there)
+            return target.copy_(outs[0]) if target is not None else tree_unflatten(outs, out_spec)
         if k > 1 and batch_in and not broadcast:
             out = self._per_block(func, args, kwargs, stacks)
             if out is not None:
@@ -662,14 +665,10 @@ class GuessingMode(TorchFunctionMode):
             step.add_record(record)
             step.handle.captured(step.op_name(None, [t]), record, None)
 
-    def _blocks_apart(self, func, args, kwargs) -> bool:
-        """Whether :meth:`_per_block` measures this op's blocks apart (its inputs' and outputs' rows known), for the
-        ``store="recompute"`` replay, which must lay out the weight guesses as the first forward did."""
-        return self._block_layout(func, args, kwargs) is not None
-
     def _block_layout(self, func, args, kwargs) -> tuple | None:
         """The op run once (out of place) with where the rows are in its inputs and floating outputs, or ``None``
-        where they cannot be told apart: ``(leaves, spec, rowed, replay, target, outs, out_spec, out_rows)``.
+        where they cannot be told apart (also what the ``store="recompute"`` replay checks, to lay out the weight
+        guesses as the first forward did): ``(leaves, spec, rowed, replay, target, outs, out_spec, out_rows)``.
 
         An in-place op (timm's LayerScale ``x.mul_(gamma)``, ``h += bias``) runs out of place, its blocks on the
         input's values before it changes, and its result is written back into ``target`` (run in place, the blocks
